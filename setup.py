@@ -1,0 +1,20 @@
+from setuptools import setup
+
+setup(
+    name="sdrt",
+    version="0.1.0",
+    description="Stable Diffusion inference runtime: reference modules, fused Triton kernels, ONNX/TensorRT export, CUDA graphs",
+    python_requires=">=3.10",
+    packages=["sdrt", "sdrt.models", "sdrt.backends", "sdrt.kernels", "sdrt.export", "sdrt.bench"],
+    package_dir={"sdrt.kernels": "kernels", "sdrt.export": "export", "sdrt.bench": "bench"},
+    package_data={"sdrt": ["assets/tiny-sd/*.json", "assets/tiny-sd/*/*.json", "assets/tiny-sd/*/*.txt",
+                           "assets/tiny-sd/*/*.safetensors", "assets/*.png"]},
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tokenizers", "pillow", "tqdm"],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "diffusers", "transformers", "accelerate", "matplotlib"],
+        "triton": ["triton"],
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],
+        "gpu": ["onnxruntime-gpu", "tensorrt"],
+    },
+    entry_points={"console_scripts": ["sdrt=sdrt.cli:main"]},
+)
