@@ -1,0 +1,206 @@
+"""UNet2DConditionModel for SD 1.x / 2.x: noise (or v) prediction from (latents, timestep, text context)."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdrt.config import UNetConfig
+from sdrt.models.layers import Attention, Downsample, GroupNorm, ResnetBlock, Upsample, timestep_embedding
+
+_TRANSFORMER_NORM_EPS = 1e-6  # diffusers' Transformer2DModel GroupNorm
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        # the Identity holds the dropout's slot so the keys stay diffusers' ff.net.0 / ff.net.2
+        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        head_dim = dim // heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """diffusers' Transformer2DModel: GroupNorm, project in, one transformer block, project out, residual."""
+
+    def __init__(self, channels: int, heads: int, context_dim: int, groups: int, linear_projection: bool):
+        super().__init__()
+        self.linear_projection = linear_projection
+        self.norm = GroupNorm(groups, channels, _TRANSFORMER_NORM_EPS)
+        proj = (lambda: nn.Linear(channels, channels)) if linear_projection else (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = proj()
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim)])
+        self.proj_out = proj()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        residual = x
+        x = self.norm(x)
+        if not self.linear_projection:
+            x = self.proj_in(x)
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # free for channels-last activations
+        if self.linear_projection:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.linear_projection:
+            x = self.proj_out(x)
+        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        if not self.linear_projection:
+            x = self.proj_out(x)
+        return x + residual
+
+
+class DownBlock(nn.Module):
+    """CrossAttnDownBlock2D (with `heads`) or DownBlock2D (heads=None)."""
+
+    def __init__(self, in_channels: int, out_channels: int, cfg: UNetConfig, temb: int,
+                 heads: Optional[int], downsample: bool):
+        super().__init__()
+        g, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = nn.ModuleList([ResnetBlock(in_channels if i == 0 else out_channels, out_channels, g, eps, temb)
+                                      for i in range(cfg.layers_per_block)])
+        self.attentions = nn.ModuleList([
+            SpatialTransformer(out_channels, heads, cfg.cross_attention_dim, g, cfg.use_linear_projection)
+            for _ in range(cfg.layers_per_block)]) if heads else None
+        self.downsamplers = nn.ModuleList([Downsample(out_channels, cfg.downsample_padding)]) if downsample else None
+
+    def forward(self, x, temb, context) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """CrossAttnUpBlock2D (with `heads`) or UpBlock2D; consumes layers_per_block + 1 skip connections."""
+
+    def __init__(self, prev_channels: int, out_channels: int, skip_in_channels: int, cfg: UNetConfig, temb: int,
+                 heads: Optional[int], upsample: bool):
+        super().__init__()
+        g, eps, n = cfg.norm_num_groups, cfg.norm_eps, cfg.layers_per_block + 1
+        self.resnets = nn.ModuleList([
+            ResnetBlock((prev_channels if i == 0 else out_channels) + (skip_in_channels if i == n - 1 else out_channels),
+                        out_channels, g, eps, temb)
+            for i in range(n)])
+        self.attentions = nn.ModuleList([
+            SpatialTransformer(out_channels, heads, cfg.cross_attention_dim, g, cfg.use_linear_projection)
+            for _ in range(n)]) if heads else None
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
+
+    def forward(self, x, skips: list[torch.Tensor], temb, context, upsample_size=None) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, cfg: UNetConfig, temb: int, heads: int):
+        super().__init__()
+        g, eps, scale = cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, g, eps, temb, scale) for _ in range(2)])
+        self.attentions = nn.ModuleList([
+            SpatialTransformer(channels, heads, cfg.cross_attention_dim, g, cfg.use_linear_projection)])
+
+    def forward(self, x, temb, context) -> torch.Tensor:
+        x = self.resnets[0](x, temb)
+        return self.resnets[1](self.attentions[0](x, context), temb)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        ch, heads = cfg.block_out_channels, cfg.heads()
+        temb = 4 * ch[0]
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+
+        last = len(ch) - 1
+        self.down_blocks = nn.ModuleList([
+            DownBlock(ch[max(i - 1, 0)], ch[i], cfg, temb,
+                      heads[i] if kind == "CrossAttnDownBlock2D" else None, downsample=i < last)
+            for i, kind in enumerate(cfg.down_block_types)])
+        self.mid_block = MidBlock(ch[-1], cfg, temb, heads[-1])
+        rch, rheads = tuple(reversed(ch)), tuple(reversed(heads))
+        self.up_blocks = nn.ModuleList([
+            UpBlock(rch[max(i - 1, 0)], rch[i], rch[min(i + 1, last)], cfg, temb,
+                    rheads[i] if kind == "CrossAttnUpBlock2D" else None, upsample=i < last)
+            for i, kind in enumerate(cfg.up_block_types)])
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps, silu=True)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int],
+                context: torch.Tensor) -> torch.Tensor:
+        # sample: [B, in_channels, h, w]; timestep: scalar or [B]; context: [B, 77, cross_attention_dim]
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor([timestep], device=sample.device)
+        timesteps = timestep.reshape(-1).expand(sample.shape[0])
+        t_emb = timestep_embedding(timesteps, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
+                                   self.config.freq_shift)
+        temb = self.time_embedding(t_emb.to(sample.dtype))
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, context)
+            skips.extend(block_skips)
+        x = self.mid_block(x, temb, context)
+        n = self.config.layers_per_block + 1
+        for block in self.up_blocks:
+            block_skips, skips = skips[-n:], skips[:-n]
+            # upsample to the next skip's size, so odd latent sizes line up as diffusers does
+            x = block(x, block_skips, temb, context, upsample_size=skips[-1].shape[-2:] if skips else None)
+        return self.conv_out(self.conv_norm_out(x))
