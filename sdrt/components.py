@@ -1,0 +1,123 @@
+"""Load the five parts of a Stable Diffusion model from a diffusers folder or a single-file checkpoint."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from sdrt import single_file as sf
+from sdrt.config import clip_text_config, read_json, unet_config, vae_config
+from sdrt.errors import ModelLoadError
+from sdrt.models.clip import CLIPTextModel, IGNORED_KEYS as CLIP_IGNORED_KEYS, checkpoint_state_dict
+from sdrt.models.unet import UNet
+from sdrt.models.vae import AutoencoderKL
+from sdrt.tokenizer import CLIPTokenizer
+from sdrt.weights import build_module, find_weights_file, read_tensors
+
+log = logging.getLogger(__name__)
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-sd"
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+
+# The scheduler every SD 1.x/2.x release ships (diffusers' conversion writes the same values).
+SD_SCHEDULER_CONFIG = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                       "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+                       "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
+                       "timestep_spacing": "leading"}
+
+
+@dataclass
+class Components:
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet
+    vae: AutoencoderKL
+    scheduler_config: dict = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def is_inpainting_unet(self) -> bool:
+        return self.unet.config.in_channels == 9
+
+
+def load_components(model: Union[str, Path, None], dtype: torch.dtype = torch.float32,
+                    device: Union[str, torch.device] = "cpu", tokenizer: Union[str, Path, None] = None) -> Components:
+    """`model`: a diffusers folder, a single-file checkpoint, or None for the bundled tiny model."""
+    path = BUNDLED_MODEL if model is None else Path(model).expanduser()
+    if path.is_dir():
+        return _load_folder(path, dtype, device)
+    if path.is_file():
+        return _load_single_file(path, dtype, device, tokenizer)
+    raise ModelLoadError(f"model not found: {path} (expected a diffusers folder or a .safetensors checkpoint)")
+
+
+def _load_folder(root: Path, dtype, device) -> Components:
+    index = read_json(root / "model_index.json")
+    kind = index.get("_class_name")
+    if kind not in SUPPORTED_PIPELINES:
+        raise ModelLoadError(f"{root / 'model_index.json'}: unsupported pipeline _class_name={kind!r} "
+                             f"(sdrt supports {', '.join(SUPPORTED_PIPELINES)})")
+    prefer_fp16 = dtype == torch.float16
+
+    def component(name, read_config, factory, convert=lambda t: t, ignored=()):
+        folder = root / name
+        cfg = read_config(read_json(folder / "config.json"), str(folder / "config.json"))
+        weights = find_weights_file(folder, prefer_fp16)
+        return build_module(lambda: factory(cfg), convert(read_tensors(weights)), weights, dtype, device, ignored)
+
+    text_encoder = component("text_encoder", clip_text_config, CLIPTextModel, checkpoint_state_dict, CLIP_IGNORED_KEYS)
+    unet = component("unet", unet_config, UNet)
+    vae = component("vae", vae_config, AutoencoderKL, _rename_legacy_vae_attention)
+    scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
+    return Components(CLIPTokenizer.from_folder(root / "tokenizer"), text_encoder, unet, vae, scheduler_config, str(root))
+
+
+def _rename_legacy_vae_attention(tensors: dict) -> dict:
+    """Older diffusers VAEs (SD 1.5's among them) name the mid-block attention query/key/value/proj_attn."""
+    legacy = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+    out = {}
+    for key, value in tensors.items():
+        for old, new in legacy.items():
+            if old in key:
+                key = key.replace(old, new)
+                value = value.reshape(value.shape[0], -1) if value.dim() == 4 else value
+        out[key] = value
+    return out
+
+
+def _load_single_file(path: Path, dtype, device, tokenizer: Union[str, Path, None]) -> Components:
+    tensors = read_tensors(path)
+    if not sf.is_single_file(tensors):
+        raise ModelLoadError(f"{path}: not a Stable Diffusion checkpoint (no '{sf.UNET_PREFIX}*' tensors)")
+    tensors = sf.normalize_clip_keys(tensors)
+    ucfg, vcfg = sf.infer_unet_config(tensors), sf.infer_vae_config(tensors)
+    ccfg, openclip = sf.infer_clip_config(tensors)
+
+    def build(factory, cfg, prefix, rules):
+        with torch.device("meta"):
+            expected = list(factory(cfg).state_dict())
+        sd = sf.convert(expected, tensors, prefix, rules, str(path))
+        return build_module(lambda: factory(cfg), sd, path, dtype, device)
+
+    unet = build(UNet, ucfg, sf.UNET_PREFIX, sf.unet_rules(ucfg))
+    vae = build(AutoencoderKL, vcfg, sf.VAE_PREFIX, sf.vae_rules(vcfg))
+    text_encoder = build(CLIPTextModel, ccfg, sf.OPENCLIP_PREFIX if openclip else sf.CLIP_PREFIX,
+                         sf.clip_rules(ccfg, openclip))
+    scheduler_config = dict(SD_SCHEDULER_CONFIG)
+    if openclip:
+        # weights cannot tell 2.x-v (768, v-prediction) from 2.x-base (512, epsilon); the v model is the common one
+        scheduler_config["prediction_type"] = "v_prediction"
+        log.info("%s: SD 2.x single file, assuming v-prediction at 768x768", path)
+    return Components(_single_file_tokenizer(path, tokenizer), text_encoder, unet, vae, scheduler_config, str(path))
+
+
+def _single_file_tokenizer(path: Path, tokenizer: Union[str, Path, None]) -> CLIPTokenizer:
+    """Single files carry no vocabulary: take it from `tokenizer`, or a `tokenizer/` folder beside the file."""
+    folder = Path(tokenizer) if tokenizer is not None else path.parent / "tokenizer"
+    if not (folder / "vocab.json").is_file():
+        raise ModelLoadError(f"{path}: single-file checkpoints carry no tokenizer; put the CLIP tokenizer's vocab.json "
+                             f"and merges.txt in {folder} or pass tokenizer=<folder>")
+    return CLIPTokenizer.from_folder(folder)
