@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
+# transformers writes int(1e30) as model_max_length when a tokenizer was saved without a limit;
+# CLIP's text encoder takes 77 positions.
+_NO_LIMIT = 10**20
 # CLIP's word split (openai/CLIP simple_tokenizer.py), special tokens first so they stay whole.
 _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -45,10 +48,9 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
             lines = f.read().split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path}: not a readable BPE merges file ({e})") from None
-    if lines and lines[0].startswith("#version"):
-        lines = lines[1:]
+    first = 2 if lines and lines[0].startswith("#version") else 1
     merges = []
-    for number, line in enumerate(lines, start=2):
+    for number, line in enumerate(lines[first - 1:], start=first):
         if not line:
             continue
         pair = line.split(" ")
@@ -58,54 +60,71 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return merges
 
 
-def _token_content(value: Any) -> Any:
-    """tokenizer_config.json stores a token either as a string or as a serialized AddedToken."""
-    return value.get("content") if isinstance(value, dict) else value
+def _special_token(value: Any, default: str) -> tuple[str, bool]:
+    """(content, normalized) of a special-token entry in tokenizer_config.json/special_tokens_map.json:
+    a plain string (matched on the raw prompt) or a serialized AddedToken with its `normalized` flag."""
+    if value is None:
+        return default, False
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"], bool(value.get("normalized", False))
+    if isinstance(value, str):
+        return value, False
+    raise ModelLoadError(f"expected a token string or {{'content': ...}} object, got {value!r}")
 
 
 class CLIPTokenizer:
     """Prompts -> input ids [B, model_max_length], padded and truncated like transformers'
-    `tokenizer(prompts, padding="max_length", truncation=True, max_length=model_max_length)`."""
+    `tokenizer(prompts, padding="max_length", truncation=True, max_length=model_max_length)`.
+
+    `normalized_tokens`: special tokens matched after normalization, i.e. also when written in upper
+    case ("<|ENDOFTEXT|>"); the others are matched only verbatim. `from_folder` takes this from the
+    `normalized` flags in the folder's tokenizer configs, as transformers does.
+    """
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *,
-                 pad_token: str = EOS_TOKEN, model_max_length: int = 77, source: str = "tokenizer"):
-        for name, token in (("bos_token", BOS_TOKEN), ("eos_token", EOS_TOKEN), ("pad_token", pad_token)):
+                 bos_token: str = BOS_TOKEN, eos_token: str = EOS_TOKEN, unk_token: str = EOS_TOKEN,
+                 pad_token: str = EOS_TOKEN, normalized_tokens: frozenset = frozenset(),
+                 model_max_length: int = 77, source: str = "tokenizer"):
+        specials = {"bos_token": bos_token, "eos_token": eos_token, "unk_token": unk_token, "pad_token": pad_token}
+        for name, token in specials.items():
             if token not in vocab:
                 raise ModelLoadError(f"{source}: {name} {token!r} is not in the vocabulary")
         if model_max_length < 2:
             raise ModelLoadError(f"{source}: model_max_length={model_max_length} leaves no room for BOS and EOS")
         self.model_max_length = model_max_length
         self.pad_token = pad_token
-        self.bos_token_id = vocab[BOS_TOKEN]
-        self.eos_token_id = vocab[EOS_TOKEN]
+        self.bos_token_id = vocab[bos_token]
+        self.eos_token_id = vocab[eos_token]
         self.pad_token_id = vocab[pad_token]
         self.vocab_size = len(vocab)
 
         tok = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="",
-                            end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS_TOKEN))
+                            end_of_word_suffix="</w>", fuse_unk=False, unk_token=unk_token))
         tok.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ])
-        # Special tokens written in a prompt map to their ids, matched before normalization
-        # (so "<|ENDOFTEXT|>" is ordinary text), as in transformers.
-        tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in (BOS_TOKEN, EOS_TOKEN)])
+        # Special tokens written in a prompt map straight to their ids, as in transformers; so with a
+        # pad token like SD 2.x's "!", every "!" in a prompt becomes id 0 rather than part of a BPE word.
+        tok.add_special_tokens([AddedToken(t, normalized=t in normalized_tokens, special=True)
+                                for t in dict.fromkeys(specials.values())])
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{BOS_TOKEN} $A {EOS_TOKEN}",
-            special_tokens=[(BOS_TOKEN, self.bos_token_id), (EOS_TOKEN, self.eos_token_id)])
+            single=f"{bos_token} $A {eos_token}",
+            special_tokens=[(bos_token, self.bos_token_id), (eos_token, self.eos_token_id)])
         self._tokenizer = tok
 
     @classmethod
-    def from_files(cls, vocab_file: Union[str, Path], merges_file: Union[str, Path], *,
-                   pad_token: str = EOS_TOKEN, model_max_length: int = 77) -> "CLIPTokenizer":
+    def from_files(cls, vocab_file: Union[str, Path], merges_file: Union[str, Path],
+                   **kwargs: Any) -> "CLIPTokenizer":
+        """vocab.json + merges.txt; keyword arguments as for the constructor."""
         vocab_file, merges_file = Path(vocab_file), Path(merges_file)
         for path in (vocab_file, merges_file):
             if not path.is_file():
                 raise ModelLoadError(f"missing tokenizer file: {path}")
-        return cls(_read_vocab(vocab_file), _read_merges(merges_file), pad_token=pad_token,
-                   model_max_length=model_max_length, source=str(vocab_file.parent))
+        kwargs.setdefault("source", str(vocab_file.parent))
+        return cls(_read_vocab(vocab_file), _read_merges(merges_file), **kwargs)
 
     @classmethod
     def from_folder(cls, path: Union[str, Path]) -> "CLIPTokenizer":
@@ -117,20 +136,30 @@ class CLIPTokenizer:
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if (path / name).is_file():
                 settings.update(read_json(path / name))
-        pad_token = _token_content(settings.get("pad_token", EOS_TOKEN))
+        tokens, normalized = {}, {}
+        # transformers registers the special tokens in this order; when two share a content
+        # (SD 1.x: eos and pad), the later entry's `normalized` flag wins.
+        for name, default in (("bos_token", BOS_TOKEN), ("eos_token", EOS_TOKEN),
+                              ("unk_token", EOS_TOKEN), ("pad_token", EOS_TOKEN)):
+            try:
+                tokens[name], flag = _special_token(settings.get(name), default)
+            except ModelLoadError as e:
+                raise ModelLoadError(f"{path}: {name}: {e}") from None
+            normalized[tokens[name]] = flag
         max_length = settings.get("model_max_length", 77)
-        if not isinstance(pad_token, str):
-            raise ModelLoadError(f"{path}: pad_token must be a string, got {pad_token!r}")
         if not isinstance(max_length, int) or isinstance(max_length, bool):
             raise ModelLoadError(f"{path}: model_max_length must be an integer, got {max_length!r}")
-        return cls.from_files(path / "vocab.json", path / "merges.txt", pad_token=pad_token,
-                              model_max_length=max_length)
+        if max_length >= _NO_LIMIT:
+            max_length = 77
+        return cls.from_files(path / "vocab.json", path / "merges.txt", **tokens,
+                              normalized_tokens=frozenset(t for t, flag in normalized.items() if flag),
+                              model_max_length=max_length, source=str(path))
 
     def __call__(self, prompts: Union[str, list[str]]) -> torch.Tensor:
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-            raise InvalidInputError("prompts must be a str or a list of str")
+            raise InvalidInputError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
         n = self.model_max_length
         ids = torch.full((len(prompts), n), self.pad_token_id, dtype=torch.long)
         for row, encoding in enumerate(self._tokenizer.encode_batch(list(prompts))):
