@@ -1,0 +1,113 @@
+"""sdrt.kernels.attention against the torch reference, with flash-attention's tolerance rule.
+
+Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), with
+32 x 16 blocks so that L in {17, 64, 77} covers partial query and key blocks; SD 1.5's real shapes run
+only on a GPU. Target: < 30 s on a 2-core CPU.
+"""
+import pytest
+import torch
+
+import sdrt.kernels
+from sdrt.errors import InvalidInputError
+
+pytest.importorskip("triton")
+from sdrt.kernels.flash_attention import attention_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HEAD_DIMS = [40, 64, 80, 128, 160]
+
+
+def _qkv(batch, heads, lq, lk, head_dim, dtype, seed=0):
+    """q, k, v as the models make them: transposed views of [B, L, H, D] tensors."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, n, heads, head_dim, generator=g).to(dtype).to(DEVICE).transpose(1, 2)
+               for n in (lq, lk, lk))
+    return q, k, v
+
+
+def _assert_flash_rule(out, q, k, v, scale=None):
+    """kernel error vs float64 <= 2 * torch's own error in the inputs' dtype + floor.
+
+    torch's own error is plain attention computed in that dtype (scores and probabilities rounded to
+    it), as in flash-attention's tests. The floor, 8 fp32 ulps of the output's magnitude, covers fp32
+    inputs, where both errors are last-bit summation-order effects.
+    """
+    ref64 = attention_reference(q.double(), k.double(), v.double(), scale)
+    torch_err = (attention_reference(q, k, v, scale).double() - ref64).abs().max().item()
+    kernel_err = (out.double() - ref64).abs().max().item()
+    floor = 8 * torch.finfo(torch.float32).eps * ref64.abs().max().item()
+    assert kernel_err <= 2 * torch_err + floor, f"kernel error {kernel_err:.3g} vs torch error {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("seq_len", [17, 64])
+def test_self_attention(seq_len, head_dim, dtype):
+    q, k, v = _qkv(1, 2, seq_len, seq_len, head_dim, dtype)
+    out = sdrt.kernels.attention(q, k, v)
+    assert out.shape == q.shape and out.dtype == dtype
+    _assert_flash_rule(out, q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_cross_attention(head_dim, dtype):
+    q, k, v = _qkv(2, 1, 33, 77, head_dim, dtype, seed=1)
+    _assert_flash_rule(sdrt.kernels.attention(q, k, v), q, k, v)
+
+
+def test_cross_attention_154_keys_and_explicit_scale():
+    q, k, v = _qkv(1, 2, 20, 154, 64, torch.float16, seed=2)
+    _assert_flash_rule(sdrt.kernels.attention(q, k, v, scale=0.3), q, k, v, scale=0.3)
+
+
+def test_output_layout_makes_head_merge_free():
+    q, k, v = _qkv(2, 3, 17, 17, 40, torch.float16, seed=3)
+    out = sdrt.kernels.attention(q, k, v)
+    merged = out.transpose(1, 2)
+    assert merged.is_contiguous()  # so .reshape(B, L, H * D) is a view
+    assert merged.reshape(2, 17, 3 * 40).data_ptr() == out.data_ptr()
+
+
+def test_contiguous_inputs_and_kernels_object():
+    q, k, v = (t.contiguous() for t in _qkv(1, 2, 17, 17, 64, torch.float32, seed=4))
+    a = sdrt.kernels.attention(q, k, v)
+    b = sdrt.kernels.TritonKernels().attention(q, k, v, None)
+    assert torch.equal(a, b)
+    _assert_flash_rule(a, q, k, v)
+
+
+def test_large_scores_do_not_overflow():
+    # Scores of several hundred: exp without max subtraction would overflow fp32.
+    q, k, v = _qkv(1, 1, 17, 17, 64, torch.float16, seed=5)
+    q = q * 8
+    _assert_flash_rule(sdrt.kernels.attention(q, k, v), q, k, v)
+
+
+def test_bad_arguments_raise():
+    q, k, v = _qkv(1, 2, 8, 8, 64, torch.float16)
+    with pytest.raises(InvalidInputError, match="q: expected a 4-d tensor"):
+        sdrt.kernels.attention(q[0], k, v)
+    with pytest.raises(InvalidInputError, match="head dims must match"):
+        sdrt.kernels.attention(q, k[..., :32], v)
+    with pytest.raises(InvalidInputError, match="dtypes must match"):
+        sdrt.kernels.attention(q, k.float(), v)
+    with pytest.raises(InvalidInputError, match="dtype torch.int64 not supported"):
+        sdrt.kernels.attention(q.long(), k.long(), v.long())
+    with pytest.raises(InvalidInputError, match="sequence lengths must match"):
+        sdrt.kernels.attention(q, k, v[:, :, :4])
+
+
+# SD 1.5 at 512x512 with classifier-free guidance: batch 2, 8 heads, self-attention over 4096..64 tokens,
+# cross-attention over 77 text tokens.
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: SD 1.5 shapes are too slow "
+                                                          "for Triton's interpreter")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch, heads, lq, lk, head_dim", [
+    (2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), (2, 8, 1024, 77, 80),
+    (2, 8, 256, 256, 160), (2, 8, 64, 64, 160), (2, 8, 64, 77, 160), (2, 8, 4096, 154, 64),
+    (1, 2, 4096, 4096, 128), (1, 1, 16384, 16384, 64),  # fewer heads: the float64 reference is L^2 memory
+])
+def test_sd15_shapes_cuda(batch, heads, lq, lk, head_dim, dtype):
+    q, k, v = _qkv(batch, heads, lq, lk, head_dim, dtype)
+    _assert_flash_rule(sdrt.kernels.attention(q, k, v), q, k, v)
