@@ -452,7 +452,7 @@ class _SigmaScheduler(Scheduler):
         self.spacing = _require(name, self.cfg, "timestep_spacing", ("linspace", "leading", "trailing"))
 
     def _train_sigmas(self) -> np.ndarray:
-        return np.array(((1 - self.acp) / self.acp) ** 0.5)  # float32, indexed by training timestep
+        return (((1 - self.acp) / self.acp) ** 0.5).numpy()  # float32, indexed by training timestep
 
     def _timesteps(self, steps: int) -> np.ndarray:
         return _spaced_timesteps(self.spacing, steps, self.num_train_timesteps,
@@ -562,7 +562,7 @@ class DPMSolverPP2M(Scheduler):
 
     def _build(self, steps, strength):
         ts = self._timesteps(steps)
-        train = np.array(((1 - self.acp) / self.acp) ** 0.5)
+        train = (((1 - self.acp) / self.acp) ** 0.5).numpy()
         if self.cfg["use_karras_sigmas"]:
             lo = self.cfg["sigma_min"] if self.cfg["sigma_min"] is not None else float(train[0])
             hi = self.cfg["sigma_max"] if self.cfg["sigma_max"] is not None else float(train[-1])
