@@ -4,11 +4,13 @@ Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py sets TRI
 32 x 16 blocks so that L in {17, 64, 77} covers partial query and key blocks; SD 1.5's real shapes run
 only on a GPU. Target: < 30 s on a 2-core CPU.
 """
+import sys
+
 import pytest
 import torch
 
 import sdrt.kernels
-from sdrt.errors import InvalidInputError
+from sdrt.errors import BackendUnavailableError, InvalidInputError
 
 pytest.importorskip("triton")
 from sdrt.kernels.flash_attention import attention_reference  # noqa: E402
@@ -98,6 +100,14 @@ def test_bad_arguments_raise():
         sdrt.kernels.attention(q, k, v[:, :, :4])
 
 
+def test_missing_triton_raises_backend_unavailable(monkeypatch):
+    monkeypatch.delitem(sys.modules, "sdrt.kernels.flash_attention")
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` fail
+    q, k, v = _qkv(1, 1, 4, 4, 16, torch.float32)
+    with pytest.raises(BackendUnavailableError, match="need the `triton` package"):
+        sdrt.kernels.attention(q, k, v)
+
+
 # SD 1.5 at 512x512 with classifier-free guidance: batch 2, 8 heads, self-attention over 4096..64 tokens,
 # cross-attention over 77 text tokens.
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: SD 1.5 shapes are too slow "
@@ -111,3 +121,4 @@ def test_bad_arguments_raise():
 def test_sd15_shapes_cuda(batch, heads, lq, lk, head_dim, dtype):
     q, k, v = _qkv(batch, heads, lq, lk, head_dim, dtype)
     _assert_flash_rule(sdrt.kernels.attention(q, k, v), q, k, v)
+
