@@ -126,15 +126,16 @@ def test_matches_transformers(folders, convention):
 
 def test_pad_conventions(folders):
     cases = {"bare": 49407, "sd1": 49407, "sd2": 0, "sd1_pad_added_token": 49407}
+    toks = {convention: CLIPTokenizer.from_folder(folders[convention]) for convention in cases}
     for convention, pad_id in cases.items():
-        tok = CLIPTokenizer.from_folder(folders[convention])
+        tok = toks[convention]
         assert tok.pad_token_id == pad_id and tok.model_max_length == MAX_LEN
         ids = tok("a photo of a cat")
         assert ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
         assert (ids[0, 7:] == pad_id).all()
     # The pad token "!" is a special token, so every "!" becomes id 0 (not the BPE word "!!!</w>").
-    assert CLIPTokenizer.from_folder(folders["sd2"])("wow!!!")[0, :6].tolist() == [49406, 2781, 0, 0, 0, 49407]
-    assert CLIPTokenizer.from_folder(folders["sd1"])("wow!!!")[0, :4].tolist() == [49406, 2781, 995, 49407]
+    assert toks["sd2"]("wow!!!")[0, :6].tolist() == [49406, 2781, 0, 0, 0, 49407]
+    assert toks["sd1"]("wow!!!")[0, :4].tolist() == [49406, 2781, 995, 49407]
 
 
 # --------------------------------------------------------------- independent pure-Python reference
