@@ -10,7 +10,7 @@ import torch
 
 from sdrt import single_file as sf
 from sdrt.config import clip_text_config, read_json, unet_config, vae_config
-from sdrt.errors import ModelLoadError
+from sdrt.errors import InvalidInputError, ModelLoadError
 from sdrt.models.clip import CLIPTextModel, IGNORED_KEYS as CLIP_IGNORED_KEYS, checkpoint_state_dict
 from sdrt.models.unet import UNet
 from sdrt.models.vae import AutoencoderKL
@@ -60,19 +60,23 @@ def _load_folder(root: Path, dtype, device) -> Components:
     if kind not in SUPPORTED_PIPELINES:
         raise ModelLoadError(f"{root / 'model_index.json'}: unsupported pipeline _class_name={kind!r} "
                              f"(sdrt supports {', '.join(SUPPORTED_PIPELINES)})")
-    prefer_fp16 = dtype == torch.float16
-
-    def component(name, read_config, factory, convert=lambda t: t, ignored=()):
-        folder = root / name
-        cfg = read_config(read_json(folder / "config.json"), str(folder / "config.json"))
-        weights = find_weights_file(folder, prefer_fp16)
-        return build_module(lambda: factory(cfg), convert(read_tensors(weights)), weights, dtype, device, ignored)
-
-    text_encoder = component("text_encoder", clip_text_config, CLIPTextModel, checkpoint_state_dict, CLIP_IGNORED_KEYS)
-    unet = component("unet", unet_config, UNet)
-    vae = component("vae", vae_config, AutoencoderKL, _rename_legacy_vae_attention)
+    text_encoder, unet, vae = (load_component(root / name, name, dtype, device)
+                               for name in ("text_encoder", "unet", "vae"))
     scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
     return Components(CLIPTokenizer.from_folder(root / "tokenizer"), text_encoder, unet, vae, scheduler_config, str(root))
+
+
+def load_component(folder: Union[str, Path], name: str, dtype: torch.dtype = torch.float32,
+                   device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
+    """One diffusers component folder (config.json + weights). name: "text_encoder" | "unet" | "vae".
+    With dtype=float16 the folder's `*.fp16.safetensors` variant is preferred when it has one."""
+    if name not in _COMPONENTS:
+        raise InvalidInputError(f"name must be one of {', '.join(_COMPONENTS)}, got {name!r}")
+    read_config, factory, convert, ignored = _COMPONENTS[name]
+    folder = Path(folder)
+    cfg = read_config(read_json(folder / "config.json"), str(folder / "config.json"))
+    weights = find_weights_file(folder, prefer_fp16=dtype == torch.float16)
+    return build_module(lambda: factory(cfg), convert(read_tensors(weights)), weights, dtype, device, ignored)
 
 
 def _rename_legacy_vae_attention(tensors: dict) -> dict:
@@ -86,6 +90,14 @@ def _rename_legacy_vae_attention(tensors: dict) -> dict:
                 value = value.reshape(value.shape[0], -1) if value.dim() == 4 else value
         out[key] = value
     return out
+
+
+# name -> (config reader, module class, checkpoint key conversion, checkpoint keys to drop)
+_COMPONENTS = {
+    "text_encoder": (clip_text_config, CLIPTextModel, checkpoint_state_dict, CLIP_IGNORED_KEYS),
+    "unet": (unet_config, UNet, dict, ()),
+    "vae": (vae_config, AutoencoderKL, _rename_legacy_vae_attention, ()),
+}
 
 
 def _load_single_file(path: Path, dtype, device, tokenizer: Union[str, Path, None]) -> Components:
