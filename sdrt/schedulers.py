@@ -1,7 +1,7 @@
 """Noise schedulers as explicit, stateless steps: DDIM, DDPM, Euler, Euler ancestral, DPM-Solver++ 2M, LCM.
 
-Each one reproduces the `step` of the diffusers scheduler of the same kind (diffusers 0.3x/0.4x), configured
-from a model folder's `scheduler/scheduler_config.json`, so a seed gives the same trajectory in both.
+Each one reproduces the `step` of the diffusers scheduler of the same kind (checked against diffusers 0.42),
+configured from a model folder's `scheduler/scheduler_config.json`, so a seed gives the same trajectory in both.
 
 Interface (the pipeline's loop)::
 
@@ -48,7 +48,10 @@ clip_sample (+ clip_sample_range), rescale_betas_zero_snr, DDPM variance_type fi
 fixed_large, Euler use_karras_sigmas/sigma_min/sigma_max/final_sigmas_type, DPM final_sigmas_type/
 lower_order_final/euler_at_final/lambda_min_clipped, LCM original_inference_steps/timestep_scaling. Anything
 else that would change the math (thresholding, other solvers, log_linear interpolation, ...) raises
-InvalidInputError listing the supported values.
+InvalidInputError listing the supported values. The name fixes the algorithm: `dpmpp_2m` and
+`dpmpp_2m_karras` force algorithm_type dpmsolver++, solver_order 2 and use_karras_sigmas off/on whatever the
+config says; a config of an unknown class (PNDM, UniPC, ...) gets `ddim` with that config's settings.
+`Schedule.tables` holds each scheduler's own per-step coefficients (names are private to this module).
 """
 from __future__ import annotations
 
@@ -382,7 +385,8 @@ class DDPM(_AlphaScheduler):
 
     def __init__(self, name, config, overrides, eta):
         super().__init__(name, config, overrides, eta)
-        self.variance_type = _require(name, self.cfg, "variance_type", ("fixed_small", "fixed_small_log", "fixed_large"))
+        self.variance_type = _require(name, self.cfg, "variance_type",
+                                      ("fixed_small", "fixed_small_log", "fixed_large"))
 
     def _build(self, steps, strength):
         ts = self._spaced(steps)

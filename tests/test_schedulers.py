@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("diffusers")
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler)
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (  # noqa: E402
@@ -63,16 +63,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def diffusers_scheduler(cls, config: dict, kwargs: dict):
-    return cls.from_config(config, **kwargs)
-
-
 def run_both(case: str, config: dict, steps: int, strength: float = 1.0):
     """Run sdrt and diffusers side by side; assert equal timesteps and per-step closeness."""
     name, eta, cls, kwargs = CASES[case]
     ours = make_scheduler(name, config, eta)
     sch = ours.set_timesteps(steps, dtype=torch.float64, strength=strength)
-    ref = diffusers_scheduler(cls, config, kwargs)
+    ref = cls.from_config(config, **kwargs)
     clean = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
@@ -180,7 +176,7 @@ def test_img2img_matches_diffusers(case, steps, strength):
 def test_start_index_matches_img2img_get_timesteps(case, strength, steps):
     name, eta, cls, kwargs = CASES[case]
     ours = make_scheduler(name, SD15, eta)
-    ref = diffusers_scheduler(cls, SD15, kwargs)
+    ref = cls.from_config(SD15, **kwargs)
     ref.set_timesteps(steps)
     if int(steps * strength) == 0:
         with pytest.raises(InvalidInputError, match="strength"):
@@ -218,7 +214,7 @@ def test_steps_are_stateless_and_repeatable(name):
     sched = make_scheduler(name, SD15, eta=0.5)
     sch = sched.set_timesteps(10)
     x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    before = {k: v for k, v in vars(sched).items()}
+    before = dict(vars(sched))
 
     def loop():
         x, state, g = x0 * sch.init_noise_sigma, sched.init_state(x0), torch.Generator().manual_seed(5)
