@@ -1,0 +1,51 @@
+"""Checks of generation arguments, shared by the Python API and the CLI.
+
+Torch-free on purpose: the CLI runs them before importing torch and loading a model, so a bad argument
+fails in a fraction of a second instead of after the load.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from sdrt.errors import InvalidInputError
+
+SIZE_MULTIPLE = 8
+MIN_SIZE, MAX_SIZE = 8, 4096
+OUTPUTS = ("pil", "np", "latent")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_size(name: str, value: Any, multiple: int = SIZE_MULTIPLE) -> int:
+    """A height or width: an int, a multiple of `multiple`, in [MIN_SIZE, MAX_SIZE]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_SIZE <= value <= MAX_SIZE \
+            or value % multiple:
+        raise InvalidInputError(f"{name} must be a multiple of {multiple} in [{MIN_SIZE}, {MAX_SIZE}], got {value!r}")
+    return value
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_guidance(value: Any) -> float:
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise InvalidInputError(f"guidance_scale must be a finite number >= 0 (> 1 enables guidance), got {value!r}")
+    return float(value)
+
+
+def check_strength(value: Any) -> float:
+    if not _is_number(value) or not 0.0 <= value <= 1.0:
+        raise InvalidInputError(f"strength must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_output(value: Any) -> str:
+    if value not in OUTPUTS:
+        raise InvalidInputError(f"output must be one of {', '.join(OUTPUTS)}, got {value!r}")
+    return value

@@ -1,0 +1,58 @@
+"""The denoising loop: U-Net + classifier-free guidance + scheduler step, from a start index to the end.
+
+Static shapes, no host syncs, no branching on tensor values, no random draws (the scheduler noise comes
+in precomputed), so the whole loop can be captured in a CUDA graph. Latents stay in float32 across steps
+whatever the model dtype; only the U-Net input is cast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from sdrt.guidance import cfg_batch, combine
+from sdrt.schedulers import Schedule, Scheduler
+
+
+@dataclass(frozen=True)
+class LatentBlend:
+    """Inpainting with an ordinary 4-channel U-Net (diffusers' StableDiffusionInpaintPipeline does the same):
+    after every step the region outside the mask is reset to the original image's latents noised to the
+    next step's level, so the model only invents inside the mask."""
+
+    mask: Tensor           # [B, 1, h, w], 1 = repaint
+    image_latents: Tensor  # [B, 4, h, w], scaled by the VAE scaling factor
+    noise: Tensor          # [B, 4, h, w], the noise of the initial latents
+
+    def __call__(self, latents: Tensor, i: int, scheduler: Scheduler, schedule: Schedule) -> Tensor:
+        if i + 1 < len(schedule.timesteps):
+            proper = scheduler.add_noise(self.image_latents, self.noise, i + 1, schedule)
+        else:
+            proper = self.image_latents
+        return (1 - self.mask) * proper + self.mask * latents
+
+
+def denoise(unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: Tensor, context: Tensor,
+            guidance_scale: float, start: int, step_noise: Sequence[Optional[Tensor]], *,
+            condition: Optional[Tensor] = None, blend: Optional[LatentBlend] = None,
+            on_step: Optional[Callable[[int], None]] = None) -> Tensor:
+    """latents: [B, 4, h, w] float32 at step `start`; context: [B or 2B, 77, D] ([uncond; cond] under CFG);
+    step_noise[i]: the noise step i takes, or None; condition: extra U-Net input channels appended after
+    scaling (the 9-channel inpainting U-Net's [mask, masked-image latents], already CFG-batched).
+    Returns the final latents [B, 4, h, w] float32."""
+    model_dtype = context.dtype
+    state = scheduler.init_state(latents)
+    for i in range(start, len(schedule.timesteps)):
+        x = scheduler.scale_model_input(cfg_batch(latents, guidance_scale), i, schedule)
+        if condition is not None:
+            x = torch.cat([x, condition], dim=1)
+        out = unet(x.to(model_dtype), schedule.timesteps[i], context)
+        noise_pred = combine(out.float(), guidance_scale)
+        latents = scheduler.step(noise_pred, i, latents, schedule, noise=step_noise[i], state=state)
+        if blend is not None:
+            latents = blend(latents, i, scheduler, schedule)
+        if on_step is not None:
+            on_step(i)
+    return latents

@@ -1,0 +1,315 @@
+"""txt2img, img2img and inpainting on any backend: `sdrt.load(...)` and `Pipeline.__call__`.
+
+Seeds, noise order and the math of each mode follow diffusers' StableDiffusionPipeline,
+StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline, so the same seed and settings give the
+same picture on the same weights. Mode: `image` alone = img2img, `image` + `mask` = inpainting.
+
+Where sdrt deliberately differs from diffusers:
+- With an ordinary 4-channel U-Net, inpainting composites the decoded image back onto the input outside
+  the mask, so those pixels are exactly the input's (diffusers returns the VAE round trip there).
+- Explicit `latents` are always the noise of the start: txt2img starts from latents * init_noise_sigma;
+  with an image and strength < 1 they are the noise added to the image latents (diffusers' inpainting
+  ignores the image in that case).
+- A 9-channel inpainting model needs `image` and `mask`; the image sets the output size.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from sdrt import images as imgs
+from sdrt.backends import BACKENDS, prepare_backend
+from sdrt.checks import check_guidance, check_output, check_positive_int, check_size, check_strength
+from sdrt.components import BUNDLED_MODEL, Components, load_components
+from sdrt.denoise import LatentBlend, denoise
+from sdrt.errors import InvalidInputError, ModelLoadError, NumericalError
+from sdrt.guidance import uses_cfg
+from sdrt.schedulers import make_scheduler
+from sdrt.seeds import NoiseSource, SeedArg
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+@dataclass
+class GenerationResult:
+    images: Union[list[PIL.Image.Image], np.ndarray, torch.Tensor]  # per `output`: PIL list, [B,H,W,3] or latents
+    latents: torch.Tensor  # final latents [B, 4, h, w] float32, in the U-Net's (scaled) space
+    seeds: list[int]  # one per image
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, and "total"
+
+
+def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device: Union[str, torch.device, None] = None,
+         dtype: Union[str, torch.dtype, None] = None, tokenizer: Union[str, Path, None] = None) -> "Pipeline":
+    """A ready pipeline. `model`: a diffusers folder or a single-file .safetensors checkpoint (its tokenizer
+    from `tokenizer` or a `tokenizer/` folder beside it); None = the bundled tiny model.
+    device: "cpu" | "cuda" | "cuda:N" (default cuda when available); dtype: "float32" | "float16" |
+    "bfloat16" (default float16 on cuda, float32 on cpu)."""
+    if backend not in BACKENDS:
+        raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    device = _resolve_device(device)
+    dtype = _resolve_dtype(dtype, device)
+    if model is None and not BUNDLED_MODEL.is_dir():
+        raise ModelLoadError(f"the bundled tiny model is not installed ({BUNDLED_MODEL} is missing); "
+                             f"pass model=<diffusers folder or .safetensors checkpoint>")
+    components = load_components(model, dtype=dtype, device=device, tokenizer=tokenizer)
+    vae_scale_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    components = prepare_backend(backend, components, device, dtype)
+    log.info("loaded %s on %s/%s with the %s backend", components.source, device, dtype, backend)
+    return Pipeline(components, device=device, dtype=dtype, backend=backend, vae_scale_factor=vae_scale_factor)
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise InvalidInputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"device={device!r} but CUDA is not available here; use device='cpu'")
+    return dev
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise InvalidInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def _text_list(name: str, value: Union[str, Sequence[str]]) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise InvalidInputError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
+
+
+class Pipeline:
+    """One loaded model on one backend. Call it to generate; see `sdrt.load`."""
+
+    def __init__(self, components: Components, *, device: torch.device, dtype: torch.dtype, backend: str,
+                 vae_scale_factor: int):
+        self.tokenizer = components.tokenizer
+        self.text_encoder = components.text_encoder
+        self.unet = components.unet
+        self.vae = components.vae
+        self.scheduler_config = dict(components.scheduler_config)
+        self.model = components.source
+        self.device, self.dtype, self.backend = device, dtype, backend
+        self.vae_scale_factor = vae_scale_factor
+        self.is_inpainting_model = self.unet.config.in_channels == 9
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """(height, width) the model was trained at."""
+        side = self.unet.config.sample_size * self.vae_scale_factor
+        return side, side
+
+    def __repr__(self) -> str:
+        return f"Pipeline(model={self.model!r}, backend={self.backend!r}, device={self.device}, dtype={self.dtype})"
+
+    @torch.inference_mode()
+    def __call__(self, prompt: Union[str, Sequence[str], None] = None, negative_prompt: Union[str, Sequence[str], None] = None,
+                 steps: int = 30, guidance_scale: float = 7.5, scheduler: Optional[str] = "ddim", eta: float = 0.0,
+                 height: Optional[int] = None, width: Optional[int] = None, num_images: int = 1, seed: SeedArg = None,
+                 image: Any = None, strength: float = 0.8, mask: Any = None, latents: Optional[torch.Tensor] = None,
+                 prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_embeds: Optional[torch.Tensor] = None,
+                 output: str = "pil", progress: Optional[Callable[[int, int], None]] = None) -> GenerationResult:
+        """Generate images; `progress(done, total)` is called after every denoising step.
+        See the module docstring for the modes and DESIGN.md for the argument contract."""
+        timer = _PhaseTimer(self.device)
+        steps = check_positive_int("steps", steps)
+        num_images = check_positive_int("num_images", num_images)
+        guidance = check_guidance(guidance_scale)
+        strength = check_strength(strength)
+        output = check_output(output)
+        cfg = uses_cfg(guidance)
+        sched = make_scheduler(scheduler, self.scheduler_config, eta)
+
+        init_image = None if image is None else imgs.image_to_tensor(image)  # [1, 3, H, W] in [0, 1]
+        height, width = self._size(height, width, init_image)
+        if mask is not None and init_image is None:
+            raise InvalidInputError("mask needs image: pass the image to inpaint as image=")
+        if self.is_inpainting_model and mask is None:
+            raise InvalidInputError(f"{self.model} is a 9-channel inpainting model: pass image= and mask=")
+        mask_px = None if mask is None else imgs.mask_to_tensor(mask, height, width)  # [1, 1, H, W] of 0/1
+
+        n_prompts = self._count_prompts(prompt, prompt_embeds)
+        batch = n_prompts * num_images
+        shape = (batch, 4, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is not None and (not torch.is_tensor(latents) or tuple(latents.shape) != shape):
+            raise InvalidInputError(f"latents must be a tensor of shape {list(shape)} (batch, 4, height/"
+                                    f"{self.vae_scale_factor}, width/{self.vae_scale_factor}), got "
+                                    f"{list(latents.shape) if torch.is_tensor(latents) else type(latents).__name__}")
+        noise = NoiseSource(seed, batch)
+        start_strength = 1.0 if init_image is None else strength
+        schedule = sched.set_timesteps(steps, device=self.device, strength=start_strength)
+        start = sched.start_index(steps, start_strength)
+
+        context = self._context(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts,
+                                num_images, cfg)
+        timer.lap("encode_prompt")
+
+        x_noise = None if latents is None else latents.detach().to("cpu", torch.float32)
+        condition = blend = None
+        if init_image is None:
+            x_noise = noise.randn(shape) if x_noise is None else x_noise
+            x = x_noise.to(self.device) * schedule.init_noise_sigma
+        elif mask_px is None:
+            image_latents = self._encode_image(init_image * 2 - 1, noise.img2img_encode_noise(shape))
+            x_noise = noise.randn(shape) if x_noise is None else x_noise
+            x = sched.add_noise(image_latents.expand(shape), x_noise.to(self.device), start, schedule)
+        else:
+            x, condition, blend = self._prepare_inpaint(init_image, mask_px, x_noise, noise, shape, sched, schedule,
+                                                        start, strength, cfg)
+        step_noise = [None if n is None else n.to(self.device) for n in noise.step_noise(schedule.noise_steps, start, shape)]
+        timer.lap("prepare_latents")
+
+        total = len(schedule.timesteps) - start
+        on_step = None if progress is None else (lambda i: progress(i - start + 1, total))
+        x = denoise(self.unet, sched, schedule, x, context, guidance, start, step_noise, condition=condition,
+                    blend=blend, on_step=on_step)
+        if not torch.isfinite(x).all():
+            raise NumericalError(f"the final latents hold NaN or inf ({self.backend} backend, {self.dtype}); "
+                                 f"try dtype='float32' or another scheduler")
+        timer.lap("denoise")
+
+        images: Any = x
+        if output != "latent":
+            decoded = self.vae.decode((x / self.vae.scaling_factor).to(self.dtype))
+            if not torch.isfinite(decoded).all():
+                raise NumericalError(f"the VAE decoded NaN or inf ({self.backend} backend, {self.dtype}); "
+                                     f"the VAE may overflow in this dtype: try dtype='float32'")
+            pixels = imgs.to_unit_range(decoded)
+            if blend is not None:  # sdrt's addition: the unmasked pixels are exactly the input's
+                pixels = mask_px * pixels + (1 - mask_px) * init_image
+            images = imgs.to_numpy(pixels)
+            if output == "pil":
+                images = imgs.to_pil(images)
+            timer.lap("decode")
+        return GenerationResult(images=images, latents=x, seeds=noise.seeds, timings=timer.finish())
+
+    # -- argument handling
+    def _size(self, height, width, init_image) -> tuple[int, int]:
+        multiple = max(8, self.vae_scale_factor)
+        if init_image is not None:
+            ih, iw = init_image.shape[-2:]
+            for name, want, got in (("height", height, ih), ("width", width, iw)):
+                if want is not None and want != got:
+                    raise InvalidInputError(f"{name}={want} differs from the image's {name} {got}; "
+                                            f"leave it unset or resize the image")
+            try:
+                return check_size("image height", ih, multiple), check_size("image width", iw, multiple)
+            except InvalidInputError as e:
+                raise InvalidInputError(f"{e} (image size {iw}x{ih})") from None
+        native_h, native_w = self.native_size
+        return (check_size("height", native_h if height is None else height, multiple),
+                check_size("width", native_w if width is None else width, multiple))
+
+    @staticmethod
+    def _count_prompts(prompt, prompt_embeds) -> int:
+        if prompt_embeds is not None:
+            if prompt is not None:
+                raise InvalidInputError("pass either prompt or prompt_embeds, not both")
+            if not torch.is_tensor(prompt_embeds) or prompt_embeds.dim() != 3:
+                raise InvalidInputError("prompt_embeds must be a tensor [B, 77, D]")
+            return prompt_embeds.shape[0]
+        if prompt is None:
+            raise InvalidInputError("prompt is required (a string or a list of strings), or pass prompt_embeds")
+        return len(_text_list("prompt", prompt))
+
+    # -- stages
+    def _encode_text(self, texts: list[str]) -> torch.Tensor:
+        return self.text_encoder(self.tokenizer(texts).to(self.device))
+
+    def _context(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts: int,
+                 num_images: int, cfg: bool) -> torch.Tensor:
+        """[B, 77, D], or [2B, 77, D] = [uncond; cond] under CFG, each prompt repeated num_images times."""
+        cond = self._encode_text(_text_list("prompt", prompt)) if prompt_embeds is None else prompt_embeds
+        cond = cond.to(self.device, self.dtype)
+        if not cfg:
+            return cond.repeat_interleave(num_images, dim=0)
+        if negative_prompt_embeds is not None:
+            if negative_prompt is not None:
+                raise InvalidInputError("pass either negative_prompt or negative_prompt_embeds, not both")
+            if not torch.is_tensor(negative_prompt_embeds) or negative_prompt_embeds.shape != cond.shape:
+                raise InvalidInputError(f"negative_prompt_embeds must be a tensor of prompt_embeds' shape "
+                                        f"{list(cond.shape)}")
+            uncond = negative_prompt_embeds
+        else:
+            negatives = [""] * n_prompts if negative_prompt is None else _text_list("negative_prompt", negative_prompt)
+            if len(negatives) == 1 and n_prompts > 1:
+                negatives = negatives * n_prompts
+            if len(negatives) != n_prompts:
+                raise InvalidInputError(f"negative_prompt must be one string or one per prompt ({n_prompts}), "
+                                        f"got {len(negatives)}")
+            uncond = self._encode_text(negatives)
+        uncond = uncond.to(self.device, self.dtype)
+        return torch.cat([uncond.repeat_interleave(num_images, dim=0), cond.repeat_interleave(num_images, dim=0)])
+
+    def _encode_image(self, pixels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """pixels [1, 3, H, W] in [-1, 1]; eps [n, 4, h, w] -> sampled latents [n, 4, h, w] float32, scaled."""
+        mean, logvar = self.vae.encode(pixels.to(self.device, self.dtype))
+        sample = mean.float() + torch.exp(0.5 * logvar.float()) * eps.to(self.device)
+        return sample * self.vae.scaling_factor
+
+    def _prepare_inpaint(self, init_image, mask_px, x_noise, noise: NoiseSource, shape, sched, schedule, start: int,
+                         strength: float, cfg: bool):
+        """-> (start latents, 9-channel U-Net condition or None, 4-channel LatentBlend or None), drawing from
+        the generators in diffusers' order: image latents (when used), start noise, masked-image latents."""
+        batch, lat_shape = shape[0], (1, *shape[1:])
+        full_strength = strength == 1.0
+        image_latents = None
+        if not self.is_inpainting_model or not full_strength:
+            image_latents = self._encode_image(init_image * 2 - 1, noise.randn_first(lat_shape)).expand(shape)
+        x_noise = noise.randn(shape) if x_noise is None else x_noise
+        x_noise = x_noise.to(self.device)
+        if full_strength:
+            x = x_noise * schedule.init_noise_sigma
+        else:
+            x = sched.add_noise(image_latents, x_noise, start, schedule)
+        mask_lat = F.interpolate(mask_px, size=shape[-2:]).to(self.device).expand(batch, 1, *shape[-2:])
+        masked_eps = noise.randn_first(lat_shape)
+        if not self.is_inpainting_model:
+            # diffusers also encodes the masked image here (unused by a 4-channel U-Net); masked_eps keeps
+            # the generator where it leaves it, so later step noise matches
+            return x, None, LatentBlend(mask_lat, image_latents.contiguous(), x_noise)
+        masked_latents = self._encode_image((init_image * 2 - 1) * (mask_px < 0.5), masked_eps).expand(shape)
+        condition = torch.cat([mask_lat, masked_latents], dim=1)
+        return x, torch.cat([condition, condition]) if cfg else condition, None
+
+
+class _PhaseTimer:
+    """Seconds per phase; on CUDA it waits for the device at each phase boundary (never inside the loop)."""
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.begin = self.last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.timings[name] = now - self.last
+        self.last = now
+
+    def finish(self) -> dict[str, float]:
+        self.timings["total"] = time.perf_counter() - self.begin
+        return self.timings

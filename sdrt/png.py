@@ -1,0 +1,66 @@
+"""PNG files that carry their generation parameters, written atomically.
+
+The parameters live in a tEXt chunk named `parameters` as one JSON object (prompt, negative_prompt,
+steps, scheduler, guidance, seed, size, model, backend, ...): unambiguous to parse back, whatever the
+prompt contains, so any image can be regenerated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import PIL.Image
+import PIL.PngImagePlugin
+
+from sdrt.errors import InvalidInputError
+
+PARAMETERS_KEY = "parameters"
+
+
+def check_writable(path: Union[str, Path]) -> Path:
+    """Refuse, before any work is done, an output path that cannot be written."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise InvalidInputError(f"output path must end in .png, got {str(path)!r}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InvalidInputError(f"output path {str(path)!r}: folder {str(parent)!r} does not exist")
+    if path.is_dir():
+        raise InvalidInputError(f"output path {str(path)!r} is a folder")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InvalidInputError(f"output path {str(path)!r} is not writable")
+    return path
+
+
+def save_png(image: PIL.Image.Image, path: Union[str, Path], parameters: Mapping[str, Any]) -> None:
+    """Write `image` to `path` with `parameters`: to a temporary file beside it, then renamed over it,
+    so a failure never leaves a half-written PNG."""
+    path = Path(path)
+    info = PIL.PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_KEY, json.dumps(dict(parameters), ensure_ascii=False))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except OSError as e:
+        os.unlink(tmp)
+        raise InvalidInputError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_parameters(path: Union[str, Path]) -> dict:
+    """The `parameters` a PNG written by `save_png` carries."""
+    with PIL.Image.open(path) as img:
+        text = img.text.get(PARAMETERS_KEY) if hasattr(img, "text") else None
+    if text is None:
+        raise InvalidInputError(f"{path}: no '{PARAMETERS_KEY}' text chunk")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"{path}: the '{PARAMETERS_KEY}' chunk is not sdrt's JSON ({e})") from e
