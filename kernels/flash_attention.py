@@ -149,7 +149,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     # there the kernel runs its dots on fp32 copies (bf16 products are exact in fp32, as in a bf16 MMA
     # with fp32 accumulation) and rounds to bf16 explicitly.
     interpreter_bf16 = q.dtype == torch.bfloat16 and is_interpreted(_attention_kernel)
-    dot_precision = "ieee" if (q.dtype == torch.float32 or interpreter_bf16) else "tf32"  # tf32 is ignored for fp16/bf16
+    dot_precision = "ieee" if (q.dtype == torch.float32 or interpreter_bf16) else None  # None: native fp16/bf16 MMA
     args = (q, k, v, out, scale * _LOG2_E, heads, lq, lk, *q.stride(), *k.stride(), *v.stride(), *out.stride())
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                 INTERPRETER_BF16=interpreter_bf16, DOT_PRECISION=dot_precision)
