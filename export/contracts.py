@@ -1,0 +1,166 @@
+"""One small export contract per component: the module to trace, input/output names, dynamic axes,
+sample inputs, output shapes and TensorRT shape profiles.
+
+Sizes in a `ShapeProfile` are image pixels; each contract converts them to its own tensors' sizes
+(latents are `vae_scale` times smaller than images).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from sdrt.components import Components
+from sdrt.errors import InvalidInputError
+
+COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+TEXT_LENGTH = 77  # SD prompts are always padded to CLIP's 77 positions
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """(min, opt, max) of batch, image height and image width; min == opt == max everywhere is static."""
+    batch: tuple[int, int, int] = (1, 1, 4)
+    height: tuple[int, int, int] = (256, 512, 1024)
+    width: tuple[int, int, int] = (256, 512, 1024)
+
+    @classmethod
+    def static(cls, batch: int, height: int, width: int) -> "ShapeProfile":
+        return cls((batch,) * 3, (height,) * 3, (width,) * 3)
+
+    @property
+    def is_static(self) -> bool:
+        return all(lo == hi for lo, _, hi in (self.batch, self.height, self.width))
+
+    def validate(self, vae_scale: int) -> None:
+        for name, (lo, opt, hi) in (("batch", self.batch), ("height", self.height), ("width", self.width)):
+            if not 1 <= lo <= opt <= hi:
+                raise InvalidInputError(f"profile {name} must satisfy 1 <= min <= opt <= max, got {(lo, opt, hi)}")
+        for name, sizes in (("height", self.height), ("width", self.width)):
+            if any(s % vae_scale for s in sizes):
+                raise InvalidInputError(f"profile {name} values must be multiples of {vae_scale}, got {sizes}")
+
+    def as_dict(self) -> dict:
+        return {"batch": list(self.batch), "height": list(self.height), "width": list(self.width)}
+
+
+class _VAEEncoder(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.vae.encode(images)
+
+
+class _VAEDecoder(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents)
+
+
+@dataclass(frozen=True)
+class ExportContract:
+    name: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]]  # tensor name -> {axis: symbolic name}, inputs and outputs
+    module: Callable[[Components], nn.Module]
+    # (batch, image height, image width) -> the shape of every input
+    input_shapes: Callable[[int, int, int], dict[str, Shape]]
+    # input shapes -> output shapes
+    output_shapes: Callable[[dict[str, Shape]], dict[str, Shape]]
+    # float inputs follow the export dtype; these keep a fixed dtype
+    fixed_input_dtypes: dict[str, torch.dtype]
+
+    def sample_inputs(self, batch: int, height: int, width: int, dtype: torch.dtype,
+                      device: torch.device | str = "cpu", seed: int = 0) -> dict[str, torch.Tensor]:
+        gen = torch.Generator("cpu").manual_seed(seed)
+        inputs = {}
+        for name, shape in self.input_shapes(batch, height, width).items():
+            fixed = self.fixed_input_dtypes.get(name)
+            if fixed == torch.int64:
+                value = torch.randint(0, 49408, shape, generator=gen)
+            elif name == "timestep":
+                value = torch.randint(0, 1000, shape, generator=gen).float()
+            else:
+                value = torch.randn(shape, generator=gen)
+            inputs[name] = value.to(device=device, dtype=fixed or dtype)
+        return inputs
+
+    def input_dtype(self, name: str, dtype: torch.dtype) -> torch.dtype:
+        return self.fixed_input_dtypes.get(name, dtype)
+
+    def profile_shapes(self, profile: ShapeProfile) -> dict[str, tuple[Shape, Shape, Shape]]:
+        """input name -> (min, opt, max) shapes for a TensorRT optimization profile."""
+        lo, opt, hi = (self.input_shapes(profile.batch[i], profile.height[i], profile.width[i]) for i in range(3))
+        return {name: (lo[name], opt[name], hi[name]) for name in self.input_names}
+
+
+def contracts_for(components: Components) -> dict[str, ExportContract]:
+    """The four contracts, sized by this model's configs."""
+    ucfg, vcfg, tcfg = components.unet.config, components.vae.config, components.text_encoder.config
+    scale = vae_scale(components)
+    lat = vcfg.latent_channels
+
+    def text_inputs(b, h, w):
+        return {"input_ids": (b, TEXT_LENGTH)}
+
+    def unet_inputs(b, h, w):
+        return {"sample": (b, ucfg.in_channels, h // scale, w // scale), "timestep": (b,),
+                "encoder_hidden_states": (b, TEXT_LENGTH, ucfg.cross_attention_dim)}
+
+    def encoder_inputs(b, h, w):
+        return {"images": (b, vcfg.in_channels, h, w)}
+
+    def decoder_inputs(b, h, w):
+        return {"latents": (b, lat, h // scale, w // scale)}
+
+    bhw = {0: "batch", 2: "height", 3: "width"}
+    return {
+        "text_encoder": ExportContract(
+            "text_encoder", ("input_ids",), ("last_hidden_state",),
+            {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}},
+            lambda c: c.text_encoder, text_inputs,
+            lambda s: {"last_hidden_state": (s["input_ids"][0], TEXT_LENGTH, tcfg.hidden_size)},
+            {"input_ids": torch.int64}),
+        "unet": ExportContract(
+            "unet", ("sample", "timestep", "encoder_hidden_states"), ("noise_pred",),
+            {"sample": bhw, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"}, "noise_pred": bhw},
+            lambda c: c.unet, unet_inputs,
+            lambda s: {"noise_pred": (*s["sample"][:1], ucfg.out_channels, *s["sample"][2:])},
+            {"timestep": torch.float32}),
+        "vae_encoder": ExportContract(
+            "vae_encoder", ("images",), ("mean", "logvar"),
+            {"images": bhw, "mean": bhw, "logvar": bhw},
+            lambda c: _VAEEncoder(c.vae), encoder_inputs,
+            lambda s: dict.fromkeys(("mean", "logvar"), (s["images"][0], lat, s["images"][2] // scale,
+                                                         s["images"][3] // scale)),
+            {}),
+        "vae_decoder": ExportContract(
+            "vae_decoder", ("latents",), ("images",),
+            {"latents": bhw, "images": bhw},
+            lambda c: _VAEDecoder(c.vae), decoder_inputs,
+            lambda s: {"images": (s["latents"][0], vcfg.out_channels, s["latents"][2] * scale, s["latents"][3] * scale)},
+            {}),
+    }
+
+
+def vae_scale(components: Components) -> int:
+    """Image pixels per latent pixel: 8 for every SD release, 2 for the tiny test models."""
+    return 2 ** (len(components.vae.config.block_out_channels) - 1)
+
+
+def check_component_names(names) -> tuple[str, ...]:
+    names = tuple(names)
+    unknown = [n for n in names if n not in COMPONENTS]
+    if unknown or not names:
+        raise InvalidInputError(f"components must be a non-empty subset of {', '.join(COMPONENTS)}, got {names!r}")
+    return names

@@ -1,0 +1,310 @@
+"""Export the text encoder, U-Net and VAE encoder/decoder to ONNX, resumably and atomically.
+
+Layout of a finished export directory:
+    manifest.json                 written last; its presence and validity mark the export finished
+    text_encoder.onnx  unet.onnx  vae_encoder.onnx  vae_decoder.onnx   (+ <name>.onnx.data over 2 GB)
+
+Work happens in `<out>.partial/` beside the target. Each component there is finished when its
+`<name>.done.json` (file hashes + export settings) exists, so an interrupted export resumes with the
+components it has not finished; once all are done the manifest is written and the folder renamed into
+place. A directory whose manifest is missing, unreadable, or disagrees with its files is never used.
+
+Exporter: the TorchScript exporter (`dynamo=False`) is the default. On these modules it gives a correct
+graph with dynamic batch/height/width (the U-Net's `interpolate(size=skip.shape[-2:])` stays a dynamic
+Resize) about 6x faster than the dynamo exporter (tiny SD1 model: ~5 s vs ~29 s for all four), with
+matching error (~1e-6). torch marks it deprecated; `exporter="dynamo"` is the path forward and is tested.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import torch
+
+import sdrt
+from sdrt.components import Components
+from sdrt.errors import BackendUnavailableError, InvalidInputError, ModelLoadError
+from sdrt.export.contracts import COMPONENTS, ExportContract, check_component_names, contracts_for, vae_scale
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+DEFAULT_OPSET = 17
+EXPORTERS = ("torchscript", "dynamo")
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+PROTOBUF_LIMIT = 2 ** 31 - 1  # one ONNX protobuf cannot exceed 2 GB: larger models keep weights outside
+# trace at a small size with batch 2, so no axis is specialised to 1 and every resolution stays symbolic
+_TRACE_BATCH, _TRACE_LATENT = 2, 8
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """A finished, verified export directory."""
+    directory: Path
+    manifest: dict
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return EXPORT_DTYPES[self.manifest["dtype"]]
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(self.manifest["components"])
+
+    def path(self, component: str) -> Path:
+        if component not in self.manifest["components"]:
+            raise InvalidInputError(f"component must be one of {', '.join(self.components)} "
+                                    f"(exported in {self.directory}), got {component!r}")
+        return self.directory / f"{component}.onnx"
+
+    def sha256(self, component: str) -> str:
+        """One digest over the component's files (graph and external data)."""
+        files = self.manifest["components"][component]["files"]
+        return hashlib.sha256("".join(files[f]["sha256"] for f in sorted(files)).encode()).hexdigest()
+
+
+def export_onnx(components: Components, out_dir: Union[str, Path], *, names: Iterable[str] = COMPONENTS,
+                opset: int = DEFAULT_OPSET, exporter: str = "torchscript", force: bool = False,
+                external_data_threshold: int = PROTOBUF_LIMIT) -> OnnxExport:
+    """Export `names` at the components' dtype (float32 or float16) into `out_dir`; returns the finished
+    export. An existing finished export with the same settings is reused unless `force`."""
+    _require_onnx()
+    names = check_component_names(names)
+    if exporter not in EXPORTERS:
+        raise InvalidInputError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    if opset < 17:
+        raise InvalidInputError(f"opset must be 17 or newer, got {opset}")
+    dtype = _components_dtype(components)
+    settings = {"dtype": _dtype_name(dtype), "opset": opset, "exporter": exporter,
+                "source": components.source, "source_fingerprint": source_fingerprint(components.source)}
+    out_dir = Path(out_dir)
+    if not force:
+        existing = _reusable(out_dir, settings, names)
+        if existing is not None:
+            log.info("reusing the ONNX export in %s", out_dir)
+            return existing
+    if out_dir.exists() and not _is_export_dir(out_dir):
+        raise InvalidInputError(f"out_dir {out_dir} exists and is not an sdrt ONNX export; choose another folder")
+
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    contracts = contracts_for(components)
+    entries = {}
+    for name in names:
+        entry = None if force else _finished_component(staging, name, settings)
+        if entry is None:
+            start = time.perf_counter()
+            entry = _export_component(components, contracts[name], staging, settings, external_data_threshold)
+            log.info("exported %s in %.1f s", name, time.perf_counter() - start)
+        else:
+            log.info("resuming: %s already exported in %s", name, staging)
+        entries[name] = entry
+
+    manifest = {"format": MANIFEST_FORMAT, "sdrt_version": sdrt.__version__, "torch_version": torch.__version__,
+                **settings, "vae_scale": vae_scale(components),
+                "configs": {"unet": asdict(components.unet.config), "vae": asdict(components.vae.config),
+                            "text_encoder": asdict(components.text_encoder.config)},
+                "components": entries}
+    for name in names:
+        (staging / f"{name}.done.json").unlink()
+    _write_json_atomic(staging / MANIFEST, manifest)
+    _replace_dir(staging, out_dir)
+    return read_export(out_dir)
+
+
+def read_export(directory: Union[str, Path], verify_hashes: bool = True) -> OnnxExport:
+    """A finished export, or ModelLoadError naming what is missing, truncated or altered."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ModelLoadError(f"{directory}: not a finished ONNX export (no {MANIFEST}); run `sdrt export` again")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        entries = manifest["components"]
+        if manifest["format"] != MANIFEST_FORMAT or manifest["dtype"] not in EXPORT_DTYPES:
+            raise ValueError(f"format {manifest['format']!r}, dtype {manifest['dtype']!r}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: unreadable export manifest ({e}); run `sdrt export` again") from None
+    for name, entry in entries.items():
+        _check_files(directory, entry["files"], verify_hashes, f"{directory}: component {name}")
+    return OnnxExport(directory, manifest)
+
+
+def source_fingerprint(source: str) -> str:
+    """Cheap identity of a model on disk: path, sizes and mtimes of its config and weight files."""
+    root = Path(source)
+    if root.is_file():
+        files = [root]
+    else:
+        files = sorted(p for sub in ("text_encoder", "unet", "vae") if (root / sub).is_dir()
+                       for p in (root / sub).iterdir() if p.is_file())
+    h = hashlib.sha256(str(root.resolve()).encode())
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- steps
+def _export_component(components: Components, contract: ExportContract, staging: Path, settings: dict,
+                      threshold: int) -> dict:
+    import onnx
+
+    name, dtype = contract.name, EXPORT_DTYPES[settings["dtype"]]
+    for stale in staging.glob(f"{name}.onnx*"):
+        stale.unlink()
+    scratch = staging / f".{name}.scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    module = contract.module(components).eval()
+    device = next(module.parameters()).device
+    scale = vae_scale(components)
+    args = tuple(contract.sample_inputs(_TRACE_BATCH, _TRACE_LATENT * scale, _TRACE_LATENT * scale, dtype,
+                                        device).values())
+    traced = scratch / f"{name}.onnx"
+    with torch.no_grad():
+        _torch_export(module, args, traced, contract, settings["opset"], settings["exporter"])
+
+    final = staging / f"{name}.onnx"
+    size = sum(p.stat().st_size for p in scratch.iterdir())
+    if size > threshold or len(list(scratch.iterdir())) > 1:
+        # gather the weights into one `<name>.onnx.data` file beside the graph
+        model = onnx.load(str(traced), load_external_data=True)
+        onnx.save_model(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{name}.onnx.data", size_threshold=1024)
+        del model
+    else:
+        os.replace(traced, final)
+    shutil.rmtree(scratch)
+    try:
+        onnx.checker.check_model(str(final), full_check=True)  # full_check runs strict shape inference too
+        onnx.shape_inference.infer_shapes_path(str(final), str(final), check_type=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ModelLoadError(f"the exported {name} graph failed ONNX validation: {e}") from e
+
+    files = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+             for p in sorted(staging.glob(f"{name}.onnx*"))}
+    entry = {"files": files, "settings": settings,
+             "inputs": {n: _tensor_spec(contract, n, dtype) for n in contract.input_names},
+             "outputs": {n: _tensor_spec(contract, n, dtype) for n in contract.output_names}}
+    _write_json_atomic(staging / f"{name}.done.json", entry)
+    return entry
+
+
+def _torch_export(module, args, path: Path, contract: ExportContract, opset: int, exporter: str) -> None:
+    common = dict(input_names=list(contract.input_names), output_names=list(contract.output_names),
+                  opset_version=opset)
+    with warnings.catch_warnings():
+        # the TorchScript exporter's deprecation notice and tracer warnings about Python-side shape
+        # arithmetic, which the dynamic axes cover (checked at two resolutions in the tests)
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            torch.onnx.export(module, args, str(path), dynamo=False, do_constant_folding=True,
+                              dynamic_axes=contract.dynamic_axes, **common)
+        else:
+            shapes = tuple(contract.dynamic_axes[n] for n in contract.input_names)
+            program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=shapes, verbose=False, **common)
+            program.save(str(path))
+
+
+def _tensor_spec(contract: ExportContract, name: str, dtype: torch.dtype) -> dict:
+    shape = (contract.input_shapes(1, 1, 1).get(name) or
+             contract.output_shapes(contract.input_shapes(1, 1, 1)).get(name))
+    axes = contract.dynamic_axes.get(name, {})
+    return {"dtype": _dtype_name(contract.fixed_input_dtypes.get(name, dtype)),
+            "shape": [axes.get(i, d) for i, d in enumerate(shape)]}
+
+
+def _reusable(out_dir: Path, settings: dict, names: tuple[str, ...]) -> Optional[OnnxExport]:
+    if not (out_dir / MANIFEST).is_file():
+        return None
+    try:
+        export = read_export(out_dir)
+    except ModelLoadError as e:
+        log.warning("redoing the ONNX export: %s", e)
+        return None
+    same = all(export.manifest.get(k) == v for k, v in settings.items())
+    return export if same and set(names) <= set(export.components) else None
+
+
+def _finished_component(staging: Path, name: str, settings: dict) -> Optional[dict]:
+    done = staging / f"{name}.done.json"
+    try:
+        entry = json.loads(done.read_text(encoding="utf-8"))
+        if entry["settings"] != settings:
+            return None
+        _check_files(staging, entry["files"], True, name)
+        return entry
+    except (OSError, ValueError, KeyError, TypeError, ModelLoadError):
+        return None
+
+
+def _check_files(directory: Path, files: dict, verify_hashes: bool, what: str) -> None:
+    for fname, info in files.items():
+        path = directory / fname
+        if not path.is_file():
+            raise ModelLoadError(f"{what}: {fname} is missing")
+        if path.stat().st_size != info["bytes"]:
+            raise ModelLoadError(f"{what}: {fname} is truncated or altered ({path.stat().st_size} bytes, "
+                                 f"expected {info['bytes']}); run `sdrt export` again")
+        if verify_hashes and file_sha256(path) != info["sha256"]:
+            raise ModelLoadError(f"{what}: {fname} does not match its recorded sha256; run `sdrt export` again")
+
+
+def _is_export_dir(path: Path) -> bool:
+    """Only folders that hold nothing but our own files may be replaced."""
+    ours = {MANIFEST} | {f"{n}.onnx" for n in COMPONENTS} | {f"{n}.onnx.data" for n in COMPONENTS}
+    return path.is_dir() and all(p.name in ours for p in path.iterdir())
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    old = target.with_name(f"{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _components_dtype(components: Components) -> torch.dtype:
+    dtypes = {next(m.parameters()).dtype for m in (components.text_encoder, components.unet, components.vae)}
+    if len(dtypes) != 1 or not dtypes <= set(EXPORT_DTYPES.values()):
+        raise InvalidInputError(f"dtype must be one of {', '.join(EXPORT_DTYPES)} for ONNX export, got "
+                                f"{', '.join(sorted(_dtype_name(d) for d in dtypes))}")
+    return dtypes.pop()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise BackendUnavailableError("ONNX export needs the `onnx` package: pip install 'sdrt[onnx]'") from None
