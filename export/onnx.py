@@ -308,3 +308,11 @@ def _require_onnx() -> None:
         import onnx  # noqa: F401
     except ImportError:
         raise BackendUnavailableError("ONNX export needs the `onnx` package: pip install 'sdrt[onnx]'") from None
+
+
+def default_export_dir(components: Components) -> Path:
+    """Where the `onnxruntime` and `tensorrt` backends keep a model's export: under $SDRT_CACHE
+    (default ~/.cache/sdrt), keyed by the model's fingerprint and dtype."""
+    root = Path(os.environ.get("SDRT_CACHE", Path.home() / ".cache" / "sdrt")).expanduser()
+    key = source_fingerprint(components.source)[:16]
+    return root / "onnx" / f"{Path(components.source).name}-{key}-{_dtype_name(_components_dtype(components))}"

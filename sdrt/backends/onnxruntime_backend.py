@@ -1,0 +1,128 @@
+"""The `onnxruntime` backend: the three components run as ONNX Runtime sessions on an export directory.
+
+The export is made on first use (see `sdrt.export.onnx.default_export_dir`) and reused after. On CPU,
+tensors cross into ONNX Runtime as numpy views. On CUDA (`onnxruntime-gpu`), inputs and outputs are
+bound by device pointer to torch CUDA tensors (IO binding) and ONNX Runtime runs on torch's current
+stream, so nothing goes through host memory in the denoising loop.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Union
+
+import numpy as np
+import torch
+
+from sdrt.components import Components
+from sdrt.errors import BackendUnavailableError, ModelLoadError
+from sdrt.export.contracts import ExportContract, contracts_for
+from sdrt.export.onnx import OnnxExport, default_export_dir, export_onnx
+
+log = logging.getLogger(__name__)
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+class OrtModel:
+    """One ONNX Runtime session called with and returning torch tensors."""
+
+    def __init__(self, path, contract: ExportContract, device: torch.device, dtype: torch.dtype):
+        import onnxruntime as ort
+
+        self.contract, self.device, self.dtype = contract, device, dtype
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendUnavailableError("the onnxruntime backend on CUDA needs onnxruntime-gpu "
+                                              "(pip install 'sdrt[gpu]'); this onnxruntime has only "
+                                              f"{', '.join(ort.get_available_providers())}")
+            stream = torch.cuda.current_stream(device).cuda_stream
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0,
+                                                    "user_compute_stream": str(stream)})]
+        else:
+            providers = ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # fp16 graphs log one constant-folding warning per node on CPU
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own untyped errors for unreadable graphs
+            raise ModelLoadError(f"{path}: ONNX Runtime cannot load this graph ({e})") from None
+
+    def __call__(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
+        inputs = {n: inputs[n].to(self.device, self.contract.input_dtype(n, self.dtype)).contiguous()
+                  for n in self.contract.input_names}
+        if self.device.type == "cuda":
+            return self._run_bound(inputs)
+        feed = {n: t.numpy() for n, t in inputs.items()}
+        return [torch.from_numpy(a) for a in self.session.run(list(self.contract.output_names), feed)]
+
+    def _run_bound(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        shapes = self.contract.output_shapes({n: tuple(t.shape) for n, t in inputs.items()})
+        outputs = [torch.empty(shapes[n], dtype=self.dtype, device=self.device) for n in self.contract.output_names]
+        binding = self.session.io_binding()
+        for (name, t) in list(inputs.items()) + list(zip(self.contract.output_names, outputs)):
+            bind = binding.bind_input if name in inputs else binding.bind_output
+            bind(name, "cuda", self.device.index or 0, _NUMPY_DTYPES[t.dtype], list(t.shape), t.data_ptr())
+        self.session.run_with_iobinding(binding)
+        return outputs
+
+
+class OrtTextEncoder:
+    def __init__(self, model: OrtModel, config):
+        self.model, self.config = model, config
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids)[0]
+
+
+class OrtUNet:
+    def __init__(self, model: OrtModel, config):
+        self.model, self.config = model, config
+
+    def __call__(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int],
+                 context: torch.Tensor) -> torch.Tensor:
+        # the graph takes one float32 timestep per batch item
+        timesteps = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1)
+        return self.model(sample=sample, timestep=timesteps.expand(sample.shape[0]),
+                          encoder_hidden_states=context)[0]
+
+
+class OrtVAE:
+    def __init__(self, encoder: OrtModel, decoder: OrtModel, config):
+        self.encoder, self.decoder, self.config = encoder, decoder, config
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.config.scaling_factor
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.encoder(images=images)
+        return mean, logvar
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latents=latents)[0]
+
+
+def prepare(components: Components, device: torch.device, dtype: torch.dtype) -> Components:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise BackendUnavailableError("the onnxruntime backend needs onnxruntime: pip install 'sdrt[onnx]' "
+                                      "(or 'sdrt[gpu]' for CUDA)") from None
+    export = export_onnx(components, default_export_dir(components))
+    return from_export(components, export, device)
+
+
+def from_export(components: Components, export: OnnxExport, device: torch.device) -> Components:
+    """`components` with the three models replaced by sessions on `export` (tokenizer and configs kept)."""
+    device = torch.device(device)
+    contracts = contracts_for(components)
+
+    def session(name: str) -> OrtModel:
+        return OrtModel(export.path(name), contracts[name], device, export.dtype)
+
+    log.info("onnxruntime backend on %s from %s", device, export.directory)
+    return Components(components.tokenizer,
+                      OrtTextEncoder(session("text_encoder"), components.text_encoder.config),
+                      OrtUNet(session("unet"), components.unet.config),
+                      OrtVAE(session("vae_encoder"), session("vae_decoder"), components.vae.config),
+                      components.scheduler_config, components.source)
