@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Union
 
@@ -52,8 +53,8 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        raise ModelLoadError(f"{path}: refused: the pickle holds objects other than tensors, and loading it "
-                             f"could run arbitrary code; convert it to .safetensors ({_first_line(e)})") from None
+        raise ModelLoadError(f"{path}: refused: the pickle holds objects other than tensors ({_blocked_global(e)}), "
+                             f"and loading it could run arbitrary code; convert it to .safetensors") from None
     except Exception as e:
         raise ModelLoadError(f"{path}: unreadable checkpoint ({_first_line(e)})") from None
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
@@ -61,6 +62,12 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(data, Mapping):
         raise ModelLoadError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
     return {k: v for k, v in data.items() if torch.is_tensor(v)}
+
+
+def _blocked_global(e: BaseException) -> str:
+    """The object torch's weights-only unpickler refused, from its long multi-paragraph message."""
+    m = re.search(r"GLOBAL (\S+)", str(e))
+    return m.group(1) if m else _first_line(e)
 
 
 def _first_line(e: BaseException) -> str:
