@@ -15,6 +15,9 @@ setup(
         "triton": ["triton"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "gpu": ["onnxruntime-gpu", "tensorrt"],
+        # everything the test suite exercises on a CPU-only machine
+        "test": ["pytest", "pytest-benchmark", "diffusers", "transformers", "accelerate", "matplotlib",
+                 "triton", "onnx", "onnxruntime", "onnxscript"],
     },
     entry_points={"console_scripts": ["sdrt=sdrt.cli:main"]},
 )

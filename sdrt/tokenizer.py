@@ -60,6 +60,20 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return merges
 
 
+def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    model = read_json(path).get("model") or {}
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise ModelLoadError(f"{path}: expected a BPE model with vocab and merges")
+    pairs = []
+    for number, merge in enumerate(merges):
+        pair = merge.split(" ") if isinstance(merge, str) else merge
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise ModelLoadError(f"{path}: merge {number} is not a pair: {merge!r}")
+        pairs.append((pair[0], pair[1]))
+    return vocab, pairs
+
+
 def _special_token(value: Any, default: str) -> tuple[str, bool]:
     """(content, normalized) of a special-token entry in tokenizer_config.json/special_tokens_map.json:
     a plain string (matched on the raw prompt) or a serialized AddedToken with its `normalized` flag."""
@@ -151,9 +165,12 @@ class CLIPTokenizer:
             raise ModelLoadError(f"{path}: model_max_length must be an integer, got {max_length!r}")
         if max_length >= _NO_LIMIT:
             max_length = 77
-        return cls.from_files(path / "vocab.json", path / "merges.txt", **tokens,
-                              normalized_tokens=frozenset(t for t, flag in normalized.items() if flag),
-                              model_max_length=max_length, source=str(path))
+        options = dict(tokens, normalized_tokens=frozenset(t for t, flag in normalized.items() if flag),
+                       model_max_length=max_length, source=str(path))
+        if not (path / "vocab.json").is_file() and (path / "tokenizer.json").is_file():
+            # transformers >= 5 saves only tokenizer.json, whose BPE model holds the same vocab and merges
+            return cls(*_read_tokenizer_json(path / "tokenizer.json"), **options)
+        return cls.from_files(path / "vocab.json", path / "merges.txt", **options)
 
     def __call__(self, prompts: Union[str, list[str]]) -> torch.Tensor:
         if isinstance(prompts, str):

@@ -260,3 +260,14 @@ def test_unlimited_model_max_length_means_77(folders, tmp_path):
     folder = _copy_folder(folders["bare"], tmp_path / "tokenizer")
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": int(1e30)}), encoding="utf-8")
     assert CLIPTokenizer.from_folder(folder)("a cat").shape == (1, MAX_LEN)
+
+
+def test_tokenizer_json_only_folder(folders, tmp_path):
+    """transformers >= 5 saves a tokenizer folder with tokenizer.json and no vocab.json/merges.txt."""
+    transformers = pytest.importorskip("transformers")
+    transformers.CLIPTokenizer.from_pretrained(str(folders["sd1"])).save_pretrained(str(tmp_path))
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).unlink(missing_ok=True)
+    assert (tmp_path / "tokenizer.json").is_file()
+    prompts = FIXED + _prompts(40, seed=7, specials=False)
+    assert torch.equal(CLIPTokenizer.from_folder(tmp_path)(prompts), CLIPTokenizer.from_folder(folders["sd1"])(prompts))
