@@ -115,12 +115,8 @@ class Pipeline:
         self.device, self.dtype, self.backend = device, dtype, backend
         self.vae_scale_factor = vae_scale_factor
         self.is_inpainting_model = self.unet.config.in_channels == 9
-
-    @property
-    def native_size(self) -> tuple[int, int]:
-        """(height, width) the model was trained at."""
-        side = self.unet.config.sample_size * self.vae_scale_factor
-        return side, side
+        side = self.unet.config.sample_size * vae_scale_factor
+        self.native_size = (side, side)  # (height, width) the model was trained at
 
     def __repr__(self) -> str:
         return f"Pipeline(model={self.model!r}, backend={self.backend!r}, device={self.device}, dtype={self.dtype})"
