@@ -313,6 +313,10 @@ def _require_onnx() -> None:
 def default_export_dir(components: Components) -> Path:
     """Where the `onnxruntime` and `tensorrt` backends keep a model's export: under $SDRT_CACHE
     (default ~/.cache/sdrt), keyed by the model's fingerprint and dtype."""
-    root = Path(os.environ.get("SDRT_CACHE", Path.home() / ".cache" / "sdrt")).expanduser()
     key = source_fingerprint(components.source)[:16]
-    return root / "onnx" / f"{Path(components.source).name}-{key}-{_dtype_name(_components_dtype(components))}"
+    return cache_root() / "onnx" / f"{Path(components.source).name}-{key}-{_dtype_name(_components_dtype(components))}"
+
+
+def cache_root() -> Path:
+    """$SDRT_CACHE, default ~/.cache/sdrt: exports under onnx/, engines under tensorrt/."""
+    return Path(os.environ.get("SDRT_CACHE", Path.home() / ".cache" / "sdrt")).expanduser()

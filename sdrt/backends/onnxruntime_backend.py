@@ -8,14 +8,13 @@ stream, so nothing goes through host memory in the denoising loop.
 from __future__ import annotations
 
 import logging
-from typing import Union
-
 import numpy as np
 import torch
 
 from sdrt.components import Components
 from sdrt.errors import BackendUnavailableError, ModelLoadError
 from sdrt.export.contracts import ExportContract, contracts_for
+from sdrt.export.graph_components import graph_components
 from sdrt.export.onnx import OnnxExport, default_export_dir, export_onnx
 
 log = logging.getLogger(__name__)
@@ -66,42 +65,6 @@ class OrtModel:
         return outputs
 
 
-class OrtTextEncoder:
-    def __init__(self, model: OrtModel, config):
-        self.model, self.config = model, config
-
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids)[0]
-
-
-class OrtUNet:
-    def __init__(self, model: OrtModel, config):
-        self.model, self.config = model, config
-
-    def __call__(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int],
-                 context: torch.Tensor) -> torch.Tensor:
-        # the graph takes one float32 timestep per batch item
-        timesteps = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1)
-        return self.model(sample=sample, timestep=timesteps.expand(sample.shape[0]),
-                          encoder_hidden_states=context)[0]
-
-
-class OrtVAE:
-    def __init__(self, encoder: OrtModel, decoder: OrtModel, config):
-        self.encoder, self.decoder, self.config = encoder, decoder, config
-
-    @property
-    def scaling_factor(self) -> float:
-        return self.config.scaling_factor
-
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, logvar = self.encoder(images=images)
-        return mean, logvar
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(latents=latents)[0]
-
-
 def prepare(components: Components, device: torch.device, dtype: torch.dtype) -> Components:
     try:
         import onnxruntime  # noqa: F401
@@ -115,14 +78,6 @@ def prepare(components: Components, device: torch.device, dtype: torch.dtype) ->
 def from_export(components: Components, export: OnnxExport, device: torch.device) -> Components:
     """`components` with the three models replaced by sessions on `export` (tokenizer and configs kept)."""
     device = torch.device(device)
-    contracts = contracts_for(components)
-
-    def session(name: str) -> OrtModel:
-        return OrtModel(export.path(name), contracts[name], device, export.dtype)
-
     log.info("onnxruntime backend on %s from %s", device, export.directory)
-    return Components(components.tokenizer,
-                      OrtTextEncoder(session("text_encoder"), components.text_encoder.config),
-                      OrtUNet(session("unet"), components.unet.config),
-                      OrtVAE(session("vae_encoder"), session("vae_decoder"), components.vae.config),
-                      components.scheduler_config, components.source)
+    return graph_components(components, {name: OrtModel(export.path(name), contract, device, export.dtype)
+                                         for name, contract in contracts_for(components).items()})

@@ -1,0 +1,58 @@
+"""The `tensorrt` backend: TensorRT engines built from the ONNX export, run on torch CUDA tensors.
+
+Engines come from the engine cache under $SDRT_CACHE/tensorrt (built on first use, rebuilt when the
+ONNX file, profile, flags, TensorRT version or GPU changes). The default profile spans batch 1-8 and
+half to twice the model's native resolution; a static profile (`prepare_engines(..., static=True)`)
+also captures each engine in a CUDA graph.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from sdrt.components import Components
+from sdrt.errors import BackendUnavailableError
+from sdrt.export.contracts import ShapeProfile, contracts_for, vae_scale
+from sdrt.export.engine_cache import BuildFlags
+from sdrt.export.graph_components import graph_components
+from sdrt.export.onnx import cache_root, default_export_dir, export_onnx
+from sdrt.export.tensorrt import Engine, load_or_build, require_tensorrt
+
+log = logging.getLogger(__name__)
+
+_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def default_profile(components: Components) -> ShapeProfile:
+    side = components.unet.config.sample_size * vae_scale(components)
+    return ShapeProfile(batch=(1, 2, 8), height=(side // 2, side, side * 2), width=(side // 2, side, side * 2))
+
+
+def prepare(components: Components, device: torch.device, dtype: torch.dtype) -> Components:
+    return prepare_engines(components, device, dtype)
+
+
+def prepare_engines(components: Components, device: torch.device, dtype: torch.dtype,
+                    profile: Optional[ShapeProfile] = None, refit: bool = False,
+                    cache_dir: Optional[Path] = None) -> Components:
+    require_tensorrt()
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise BackendUnavailableError(f"the tensorrt backend runs on CUDA only, got device={device}")
+    if dtype == torch.bfloat16:
+        # ONNX Runtime and the exporters have no bf16 path worth trusting: export fp32, build with BF16
+        for module in (components.text_encoder, components.unet, components.vae):
+            module.float()
+    profile = profile or default_profile(components)
+    profile.validate(vae_scale(components))
+    flags = BuildFlags(precision=_PRECISION[dtype], refit=refit, static=profile.is_static)
+    export = export_onnx(components, default_export_dir(components))
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "tensorrt"
+    engines = {name: Engine(load_or_build(export, contract, profile, flags, cache_dir), contract, device,
+                            cuda_graph=profile.is_static)
+               for name, contract in contracts_for(components).items()}
+    log.info("tensorrt backend: %s engines from %s", flags, cache_dir)
+    return graph_components(components, engines)
