@@ -164,7 +164,8 @@ def infer_unet_config(t: Mapping[str, torch.Tensor]) -> UNetConfig:
     has_attn = [f"{p}input_blocks.{1 + i * per}.1.proj_in.weight" in t for i in range(levels)]
     proj_in = _get(t, f"{p}middle_block.1.proj_in.weight")
     context_dim = _get(t, f"{p}middle_block.1.transformer_blocks.0.attn2.to_k.weight").shape[1]
-    sd2 = context_dim == 1024
+    # the text tower decides (OpenCLIP = SD 2.x); the context width alone would miss narrower SD 2.x-style models
+    sd2 = context_dim == 1024 or any(k.startswith(OPENCLIP_PREFIX) for k in t)
     # SD 1.x uses 8 heads everywhere; SD 2.x uses 64-wide heads (diffusers' attention_head_dim list)
     heads = tuple(c // 64 for c in channels) if sd2 else 8
     return UNetConfig(
