@@ -77,13 +77,15 @@ def _run_both(models, mode, scheduler, guidance, *, strength=0.75, steps=4, seed
     theirs.update(ref_extra or {})
     common = dict(guidance_scale=guidance)
     result = pipe(steps=steps, scheduler=scheduler, seed=seed, output="np", **common, **ours)
-    ref = {}
-    for output_type in ("latent", "np"):
-        generator = ([torch.Generator("cpu").manual_seed(s) for s in seed] if isinstance(seed, list)
-                     else torch.Generator("cpu").manual_seed(seed))
-        ref[output_type] = reference(num_inference_steps=steps, generator=generator, output_type=output_type,
-                                     **common, **theirs).images
-    return result, ref["latent"], ref["np"]
+    generator = ([torch.Generator("cpu").manual_seed(s) for s in seed] if isinstance(seed, list)
+                 else torch.Generator("cpu").manual_seed(seed))
+    ref_latents = reference(num_inference_steps=steps, generator=generator, output_type="latent",
+                            **common, **theirs).images
+    # diffusers' output_type="np" without a safety checker: decode, then VaeImageProcessor.postprocess
+    with torch.no_grad():
+        decoded = reference.vae.decode(ref_latents / reference.vae.config.scaling_factor).sample
+    ref_images = reference.image_processor.postprocess(decoded, output_type="np")
+    return result, ref_latents, ref_images
 
 
 def _assert_parity(mode, result, ref_latents, ref_images):
