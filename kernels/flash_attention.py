@@ -76,16 +76,33 @@ def _attention_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INTERPRETER_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRETER_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HEADS).to(tl.int64)
     h = (pid_bh % HEADS).to(tl.int64)
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    o_base = o_ptr + b * stride_ob + h * stride_oh
+    q_off = b * stride_qb + h * stride_qh
+    k_off = b * stride_kb + h * stride_kh
+    v_off = b * stride_vb + h * stride_vh
+    o_off = b * stride_ob + h * stride_oh
+    if ALIGN > 1:
+        # The launcher checked that every stride but d's is a multiple of ALIGN elements (16 bytes). Triton
+        # only learns divisibility by 16 elements on its own, so without these hints a stride of 40
+        # (head_dim 40) would turn every load into scalar, unpipelined accesses. `s // A * A` is how a
+        # scalar argument's divisibility reaches the compiler (tl.multiple_of on an argument does not).
+        q_off = tl.multiple_of(q_off, ALIGN)
+        k_off = tl.multiple_of(k_off, ALIGN)
+        v_off = tl.multiple_of(v_off, ALIGN)
+        o_off = tl.multiple_of(o_off, ALIGN)
+        stride_qm = stride_qm // ALIGN * ALIGN
+        stride_kn = stride_kn // ALIGN * ALIGN
+        stride_vn = stride_vn // ALIGN * ALIGN
+        stride_om = stride_om // ALIGN * ALIGN
+    q_base = q_ptr + q_off
+    k_base = k_ptr + k_off
+    v_base = v_ptr + v_off
+    o_base = o_ptr + o_off
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -152,7 +169,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     dot_precision = "ieee" if (q.dtype == torch.float32 or interpreter_bf16) else None  # None: native fp16/bf16 MMA
     args = (q, k, v, out, scale * _LOG2_E, heads, lq, lk, *q.stride(), *k.stride(), *v.stride(), *out.stride())
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                INTERPRETER_BF16=interpreter_bf16, DOT_PRECISION=dot_precision)
+                INTERPRETER_BF16=interpreter_bf16, DOT_PRECISION=dot_precision,
+                ALIGN=_alignment_hint(q.element_size(), q, k, v, out))
     if is_interpreted(_attention_kernel):
         block_m, block_n = _INTERPRETER_BLOCK_M, _INTERPRETER_BLOCK_N
         _attention_kernel[(triton.cdiv(lq, block_m), batch * heads)](*args, BLOCK_M=block_m, BLOCK_N=block_n, **meta)
@@ -160,6 +178,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
         grid = lambda config: (triton.cdiv(lq, config["BLOCK_M"]), batch * heads)  # noqa: E731
         _attention_kernel_tuned[grid](*args, **meta)
     return out
+
+
+def _alignment_hint(element_size: int, *tensors: torch.Tensor) -> int:
+    """16 bytes in elements if every stride but the last (head dim) of every tensor is a multiple of it, else 1."""
+    align = 16 // element_size
+    strides = [s for t in tensors for s in t.stride()[:3]]
+    return align if all(s % align == 0 for s in strides) else 1
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> None:

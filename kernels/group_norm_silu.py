@@ -15,6 +15,7 @@ channels at every pixel, an NCHW group is C/G contiguous planes.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -135,10 +136,15 @@ def _launch_config(batch_groups: int, channels_per_group: int, hw: int, device: 
     tile = 4096
     block_hw = max(1, min(triton.next_power_of_2(hw), tile // block_c))
     # Aim for a few programs per SM, but keep at least two tiles of work per split.
-    target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    target_programs = 4 * _multiprocessor_count(device)
     splits = max(1, min(triton.cdiv(target_programs, batch_groups), triton.cdiv(hw, 2 * block_hw)))
     num_warps = 8 if block_c * block_hw >= 4096 else 4
     return block_c, block_hw, splits, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],

@@ -79,6 +79,14 @@ def test_contiguous_inputs_and_kernels_object():
     _assert_flash_rule(a, q, k, v)
 
 
+def test_strides_not_multiple_of_16_bytes():
+    # Rows 43 elements apart: the launcher must not promise the compiler 16-byte alignment.
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, n, 2, 43, generator=g).to(torch.float16).to(DEVICE)[..., :40].transpose(1, 2)
+               for n in (17, 77, 77))
+    _assert_flash_rule(sdrt.kernels.attention(q, k, v), q, k, v)
+
+
 def test_large_scores_do_not_overflow():
     # Scores of several hundred: exp without max subtraction would overflow fp32.
     q, k, v = _qkv(1, 1, 17, 17, 64, torch.float16, seed=5)
