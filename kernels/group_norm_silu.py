@@ -176,7 +176,9 @@ def _group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor]
     splits = triton.cdiv(hw, hw_per_split)
 
     partial = torch.empty((n * num_groups, splits, 3), device=x.device, dtype=torch.float32)
-    stride_n, stride_c, stride_hw = x.stride(0), x.stride(1), x.stride(3)  # stride(2) == W * stride(3)
+    # Dense in either format: stride(2) == W * stride(3), so H*W flattens with one stride (a size-1 dim's
+    # stride can be anything, hence the W == 1 case).
+    stride_n, stride_c, stride_hw = x.stride(0), x.stride(1), x.stride(3) if w > 1 else x.stride(2)
     grid = (n * num_groups, splits)
     _group_norm_stats_kernel[grid](
         x, partial, hw, hw_per_split, splits, num_groups, cpg, stride_n, stride_c, stride_hw,

@@ -60,7 +60,7 @@ def test_matches_reference(shape, groups, channels_last, dtype, silu):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("block_hw, splits", [(4, 3), (1, 5), (16, 2)])
+@pytest.mark.parametrize("block_hw, splits", [(4, 3), (2, 5), (16, 2)])
 def test_chunked_and_split_reduction(channels_last, block_hw, splits):
     # Several tiles per split, a partial last tile and a merge of per-split statistics.
     x, weight, bias = _inputs((2, 24, 7, 9), torch.float16, channels_last, seed=1)
@@ -75,6 +75,14 @@ def test_large_mean_is_stable(dtype, mean, std):
     x, weight, bias = _inputs((1, 16, 16, 16), dtype, True, mean=mean, std=std, seed=2)
     out = _group_norm(x, 4, weight, bias, 1e-5, False, block_hw=32, splits=3)
     _assert_flash_rule(out, x, 4, weight, bias, 1e-5, False)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(2, 8, 5, 1), (2, 8, 1, 5), (1, 8, 1, 1)], ids=["w1", "h1", "hw1"])
+def test_unit_spatial_dims(shape, channels_last):
+    x, weight, bias = _inputs(shape, torch.float32, channels_last, seed=4)
+    out = sdrt.kernels.group_norm(x, 4, weight, bias, silu=True)
+    _assert_flash_rule(out, x, 4, weight, bias, 1e-5, True)
 
 
 def test_without_affine_and_strided_input():
