@@ -15,10 +15,11 @@ from types import ModuleType
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from sdrt.errors import BackendUnavailableError
 
-__all__ = ["attention", "group_norm", "TritonKernels"]
+__all__ = ["attention", "group_norm", "TritonKernels", "MAX_KERNEL_HEAD_DIM"]
 
 
 def _kernel_module(name: str) -> ModuleType:
@@ -44,11 +45,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     return _kernel_module("flash_attention").attention(q, k, v, scale)
 
 
+# The attention kernel keeps a [BLOCK_M, head_dim] fp32 accumulator in registers: up to 256 wide.
+MAX_KERNEL_HEAD_DIM = 256
+
+
 class TritonKernels:
-    """The `sdrt.models.ops.Kernels` implementation backed by the Triton kernels."""
+    """The `sdrt.models.ops.Kernels` implementation backed by the Triton kernels.
+
+    Attention heads wider than MAX_KERNEL_HEAD_DIM (the VAE's single 512-wide head) go to torch's
+    scaled_dot_product_attention instead; the U-Net's heads (40..160) all take the kernel.
+    """
 
     @staticmethod
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+        if q.dim() == 4 and q.shape[-1] > MAX_KERNEL_HEAD_DIM:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
         return attention(q, k, v, scale)
 
     @staticmethod

@@ -26,7 +26,7 @@ from .interpreter_rounding import round_to_bf16
 from .launch import check_runnable, is_interpreted
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 256
+_MAX_HEAD_DIM = 256  # sdrt.kernels.MAX_KERNEL_HEAD_DIM: an fp32 [BLOCK_M, BLOCK_D] accumulator in registers
 _LOG2_E = 1.4426950408889634
 
 

@@ -90,6 +90,15 @@ def test_strides_not_multiple_of_16_bytes():
     _assert_flash_rule(sdrt.kernels.attention(q, k, v), q, k, v)
 
 
+def test_kernels_object_sends_heads_wider_than_256_to_sdpa():
+    # The VAE's mid-block attention: one 512-wide head; the kernel itself refuses it.
+    q, k, v = _qkv(1, 1, 16, 16, 512, torch.float32, seed=7)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(sdrt.kernels.TritonKernels().attention(q, k, v), expected)
+    with pytest.raises(InvalidInputError, match="head dim must be in 1..256"):
+        sdrt.kernels.attention(q, k, v)
+
+
 def test_large_scores_do_not_overflow():
     # Scores of several hundred: exp without max subtraction would overflow fp32.
     q, k, v = _qkv(1, 1, 17, 17, 64, torch.float16, seed=5)
