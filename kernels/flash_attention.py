@@ -134,8 +134,9 @@ def _attention_kernel(
 
 # ------------------------------------------------------------------------------------------ launcher
 # On CUDA the block shape is tuned once per (LQ, LK, HEAD_DIM, dtype) on first use. That first call
-# benchmarks, so run every shape once before capturing a CUDA graph. Configs that do not fit in shared
-# memory (large BLOCK_D) are skipped by the autotuner.
+# benchmarks, which cannot happen inside CUDA graph capture: run every shape once before capturing. A
+# shape first seen during capture gets a fixed config, untuned, for the rest of the process.
+# Configs that do not fit in shared memory (large BLOCK_D) are skipped by the autotuner.
 _CUDA_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
     for bm, bn, warps, stages in [
@@ -143,7 +144,19 @@ _CUDA_CONFIGS = [
         (64, 64, 4, 3), (64, 32, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4),
     ]
 ]
-_attention_kernel_tuned = triton.autotune(configs=_CUDA_CONFIGS, key=["LQ", "LK", "HEAD_DIM"])(_attention_kernel)
+
+
+def _no_tuning_while_capturing(configs, named_args, **kwargs):
+    if not torch.cuda.is_current_stream_capturing():
+        return configs
+    # 128 x 64 blocks fit in shared memory up to BLOCK_D 128; 64 x 32 ones up to 256.
+    block_m, block_n = (128, 64) if kwargs["BLOCK_D"] <= 128 else (64, 32)
+    return [next(c for c in configs if c.kwargs["BLOCK_M"] == block_m and c.kwargs["BLOCK_N"] == block_n)]
+
+
+_attention_kernel_tuned = triton.autotune(configs=_CUDA_CONFIGS, key=["LQ", "LK", "HEAD_DIM"],
+                                          prune_configs_by={"early_config_prune": _no_tuning_while_capturing},
+                                          )(_attention_kernel)
 
 # The interpreter runs programs one after another: small blocks here only exercise the tails and loops.
 _INTERPRETER_BLOCK_M, _INTERPRETER_BLOCK_N = 32, 16
