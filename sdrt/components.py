@@ -123,13 +123,18 @@ def _load_single_file(path: Path, dtype, device, tokenizer: Union[str, Path, Non
         # weights cannot tell 2.x-v (768, v-prediction) from 2.x-base (512, epsilon); the v model is the common one
         scheduler_config["prediction_type"] = "v_prediction"
         log.info("%s: SD 2.x single file, assuming v-prediction at 768x768", path)
-    return Components(_single_file_tokenizer(path, tokenizer), text_encoder, unet, vae, scheduler_config, str(path))
+    return Components(_single_file_tokenizer(path, tokenizer, openclip), text_encoder, unet, vae, scheduler_config,
+                      str(path))
 
 
-def _single_file_tokenizer(path: Path, tokenizer: Union[str, Path, None]) -> CLIPTokenizer:
+def _single_file_tokenizer(path: Path, tokenizer: Union[str, Path, None], openclip: bool) -> CLIPTokenizer:
     """Single files carry no vocabulary: take it from `tokenizer`, or a `tokenizer/` folder beside the file."""
     folder = Path(tokenizer) if tokenizer is not None else path.parent / "tokenizer"
-    if not (folder / "vocab.json").is_file():
+    if not any((folder / name).is_file() for name in ("vocab.json", "tokenizer.json")):
         raise ModelLoadError(f"{path}: single-file checkpoints carry no tokenizer; put the CLIP tokenizer's vocab.json "
                              f"and merges.txt in {folder} or pass tokenizer=<folder>")
+    configured = any((folder / name).is_file() for name in ("tokenizer_config.json", "special_tokens_map.json"))
+    if openclip and not configured:
+        # a bare vocabulary cannot say which pad token to use; SD 2.x (OpenCLIP) pads with "!"
+        return CLIPTokenizer.from_files(folder / "vocab.json", folder / "merges.txt", pad_token="!")
     return CLIPTokenizer.from_folder(folder)
