@@ -7,12 +7,13 @@ whatever the model dtype; only the U-Net input is cast.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from sdrt.guidance import cfg_batch, combine
+from sdrt.errors import InvalidInputError
+from sdrt.guidance import combine, uses_cfg
 from sdrt.schedulers import Schedule, Scheduler
 
 
@@ -35,24 +36,40 @@ class LatentBlend:
 
 
 def denoise(unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: Tensor, context: Tensor,
-            guidance_scale: float, start: int, step_noise: Sequence[Optional[Tensor]], *,
+            guidance_scale: Union[float, Tensor], start: int, step_noise: Sequence[Optional[Tensor]], *,
             condition: Optional[Tensor] = None, blend: Optional[LatentBlend] = None,
-            on_step: Optional[Callable[[int], None]] = None) -> Tensor:
+            on_step: Optional[Callable[[int], None]] = None, cfg: Optional[bool] = None) -> Tensor:
     """latents: [B, 4, h, w] float32 at step `start`; context: [B or 2B, 77, D] ([uncond; cond] under CFG);
     step_noise[i]: the noise step i takes, or None; condition: extra U-Net input channels appended after
     scaling (the 9-channel inpainting U-Net's [mask, masked-image latents], already CFG-batched).
-    Returns the final latents [B, 4, h, w] float32."""
+    Returns the final latents [B, 4, h, w] float32.
+
+    guidance_scale may be a 0-d device tensor (a CUDA graph's static input, so a new scale needs no
+    recapture); `cfg` then says whether the context holds the [uncond; cond] batch."""
+    if torch.is_tensor(guidance_scale):
+        if cfg is None:
+            raise InvalidInputError("cfg must be given (True/False) when guidance_scale is a tensor")
+    elif cfg is None:
+        cfg = uses_cfg(guidance_scale)
     model_dtype = context.dtype
     state = scheduler.init_state(latents)
     for i in range(start, len(schedule.timesteps)):
-        x = scheduler.scale_model_input(cfg_batch(latents, guidance_scale), i, schedule)
+        x = scheduler.scale_model_input(torch.cat([latents, latents]) if cfg else latents, i, schedule)
         if condition is not None:
             x = torch.cat([x, condition], dim=1)
         out = unet(x.to(model_dtype), schedule.timesteps[i], context)
-        noise_pred = combine(out.float(), guidance_scale)
+        noise_pred = _guide(out.float(), guidance_scale) if cfg else out.float()
         latents = scheduler.step(noise_pred, i, latents, schedule, noise=step_noise[i], state=state)
         if blend is not None:
             latents = blend(latents, i, scheduler, schedule)
         if on_step is not None:
             on_step(i)
     return latents
+
+
+def _guide(noise_pred: Tensor, guidance_scale: Union[float, Tensor]) -> Tensor:
+    """CFG combine of an [uncond; cond] batch; a tensor scale takes the same arithmetic as a float."""
+    if not torch.is_tensor(guidance_scale):
+        return combine(noise_pred, guidance_scale)
+    uncond, cond = noise_pred.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)

@@ -31,6 +31,7 @@ from sdrt.checks import check_guidance, check_output, check_positive_int, check_
 from sdrt.components import BUNDLED_MODEL, Components, load_components
 from sdrt.denoise import LatentBlend, denoise
 from sdrt.errors import InvalidInputError, ModelLoadError, NumericalError
+from sdrt.graphs import DenoiseGraphs, GraphCache
 from sdrt.guidance import uses_cfg
 from sdrt.schedulers import make_scheduler
 from sdrt.seeds import NoiseSource, SeedArg
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEVICE_TYPES = ("cpu", "cuda")
+GRAPH_BACKENDS = ("torch", "triton")  # backends whose components can run inside a captured loop
 
 
 @dataclass
@@ -50,15 +52,19 @@ class GenerationResult:
 
 
 def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device: Union[str, torch.device, None] = None,
-         dtype: Union[str, torch.dtype, None] = None, tokenizer: Union[str, Path, None] = None) -> "Pipeline":
+         dtype: Union[str, torch.dtype, None] = None, tokenizer: Union[str, Path, None] = None,
+         cuda_graphs: Optional[bool] = None) -> "Pipeline":
     """A ready pipeline. `model`: a diffusers folder or a single-file .safetensors checkpoint (its tokenizer
     from `tokenizer` or a `tokenizer/` folder beside it); None = the bundled tiny model.
     device: "cpu" | "cuda" | "cuda:N" (default cuda when available); dtype: "float32" | "float16" |
-    "bfloat16" (default float16 on cuda, float32 on cpu)."""
+    "bfloat16" (default float16 on cuda, float32 on cpu).
+    cuda_graphs: capture the denoising loop in CUDA graphs (see `sdrt.graphs`, `Pipeline.warmup`); default
+    on for the triton backend on CUDA; the torch backend on CUDA may opt in; other backends and the CPU cannot."""
     if backend not in BACKENDS:
         raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
+    graphed = _resolve_cuda_graphs(cuda_graphs, backend, device)
     if model is None and not BUNDLED_MODEL.is_dir():
         raise ModelLoadError(f"the bundled tiny model is not installed ({BUNDLED_MODEL} is missing); "
                              f"pass model=<diffusers folder or .safetensors checkpoint>")
@@ -66,7 +72,22 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     vae_scale_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
     components = prepare_backend(backend, components, device, dtype)
     log.info("loaded %s on %s/%s with the %s backend", components.source, device, dtype, backend)
-    return Pipeline(components, device=device, dtype=dtype, backend=backend, vae_scale_factor=vae_scale_factor)
+    pipe = Pipeline(components, device=device, dtype=dtype, backend=backend, vae_scale_factor=vae_scale_factor)
+    if graphed:
+        pipe.denoiser = DenoiseGraphs(GraphCache.for_device(device))
+    return pipe
+
+
+def _resolve_cuda_graphs(cuda_graphs: Optional[bool], backend: str, device: torch.device) -> bool:
+    capable = device.type == "cuda" and backend in GRAPH_BACKENDS
+    if cuda_graphs is None:
+        return capable and backend == "triton"
+    if not isinstance(cuda_graphs, bool):
+        raise InvalidInputError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
+    if cuda_graphs and not capable:
+        raise InvalidInputError(f"cuda_graphs=True needs device='cuda' and backend {' or '.join(GRAPH_BACKENDS)}; "
+                                f"got device={device}, backend={backend!r}")
+    return cuda_graphs
 
 
 def _resolve_device(device) -> torch.device:
@@ -117,6 +138,8 @@ class Pipeline:
         self.is_inpainting_model = self.unet.config.in_channels == 9
         side = self.unet.config.sample_size * vae_scale_factor
         self.native_size = (side, side)  # (height, width) the model was trained at
+        # the loop runner: `denoise` itself, or a `DenoiseGraphs` replaying captured loops (same signature)
+        self.denoiser: Callable[..., torch.Tensor] = denoise
 
     def __repr__(self) -> str:
         return f"Pipeline(model={self.model!r}, backend={self.backend!r}, device={self.device}, dtype={self.dtype})"
@@ -180,8 +203,8 @@ class Pipeline:
 
         total = len(schedule.timesteps) - start
         on_step = None if progress is None else (lambda i: progress(i - start + 1, total))
-        x = denoise(self.unet, sched, schedule, x, context, guidance, start, step_noise, condition=condition,
-                    blend=blend, on_step=on_step)
+        x = self.denoiser(self.unet, sched, schedule, x, context, guidance, start, step_noise, condition=condition,
+                          blend=blend, on_step=on_step)
         if not torch.isfinite(x).all():
             raise NumericalError(f"the final latents hold NaN or inf ({self.backend} backend, {self.dtype}); "
                                  f"try dtype='float32' or another scheduler")
@@ -201,6 +224,18 @@ class Pipeline:
                 images = imgs.to_pil(images)
             timer.lap("decode")
         return GenerationResult(images=images, latents=x, seeds=noise.seeds, timings=timer.finish())
+
+    def warmup(self, height: Optional[int] = None, width: Optional[int] = None, num_images: int = 1, *,
+               steps: int = 30, scheduler: Optional[str] = "ddim", guidance_scale: float = 7.5, eta: float = 0.0,
+               num_prompts: int = 1) -> dict[str, float]:
+        """Run one throwaway generation of this shape, so that kernels compile and autotune and, with CUDA
+        graphs, the denoising loop (and the backend's text encoder / VAE graphs) is captured now rather
+        than on the first real call. The graph key also holds steps, scheduler, eta and guidance on/off
+        (guidance_scale > 1): warm up with the settings you will use. Returns that run's timings."""
+        num_prompts = check_positive_int("num_prompts", num_prompts)
+        result = self([""] * num_prompts, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler, eta=eta,
+                      height=height, width=width, num_images=num_images, seed=0, output="np")
+        return result.timings
 
     # -- argument handling
     def _size(self, height, width, init_image) -> tuple[int, int]:
