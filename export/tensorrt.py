@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from sdrt.errors import BackendUnavailableError, ModelLoadError
+from sdrt.errors import BackendUnavailableError, InvalidInputError, ModelLoadError
 from sdrt.export.contracts import ExportContract, ShapeProfile
 from sdrt.export.engine_cache import BuildFlags, EngineCache, EngineKey, write_atomic
 from sdrt.export.onnx import OnnxExport
@@ -118,6 +118,9 @@ class Engine:
             with torch.cuda.graph(self._graph):
                 self._enqueue(self._static_inputs, self._static_outputs)
         for name, t in inputs.items():
+            if t.shape != self._static_inputs[name].shape:
+                raise InvalidInputError(f"{name} must have the static engine's shape "
+                                        f"{tuple(self._static_inputs[name].shape)}, got {tuple(t.shape)}")
             self._static_inputs[name].copy_(t)
         self._graph.replay()
         return [t.clone() for t in self._static_outputs]

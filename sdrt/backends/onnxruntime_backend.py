@@ -51,7 +51,7 @@ class OrtModel:
                   for n in self.contract.input_names}
         if self.device.type == "cuda":
             return self._run_bound(inputs)
-        feed = {n: t.numpy() for n, t in inputs.items()}
+        feed = {n: t.detach().numpy() for n, t in inputs.items()}
         return [torch.from_numpy(a) for a in self.session.run(list(self.contract.output_names), feed)]
 
     def _run_bound(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
