@@ -120,12 +120,13 @@ class GraphCache:
         self.captures = 0
 
     @classmethod
-    def for_device(cls, device: torch.device, max_entries: int = DEFAULT_MAX_ENTRIES) -> "GraphCache":
-        """A cache whose byte budget is DEFAULT_MEMORY_FRACTION of the CUDA device's memory."""
+    def for_device(cls, device: torch.device, max_entries: int = DEFAULT_MAX_ENTRIES,
+                   memory_fraction: float = DEFAULT_MEMORY_FRACTION) -> "GraphCache":
+        """A cache whose byte budget is `memory_fraction` of the CUDA device's memory (none on a CPU)."""
         device = torch.device(device)
         budget = None
         if device.type == "cuda":
-            budget = int(torch.cuda.get_device_properties(device).total_memory * DEFAULT_MEMORY_FRACTION)
+            budget = int(torch.cuda.get_device_properties(device).total_memory * memory_fraction)
         return cls(max_entries, budget)
 
     def __len__(self) -> int:

@@ -69,6 +69,22 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
         raise ModelLoadError(f"the bundled tiny model is not installed ({BUNDLED_MODEL} is missing); "
                              f"pass model=<diffusers folder or .safetensors checkpoint>")
     components = load_components(model, dtype=dtype, device=device, tokenizer=tokenizer)
+    return _assemble(components, backend, device, dtype, graphed)
+
+
+def from_components(components: Components, *, backend: str = "torch", device: Union[str, torch.device, None] = None,
+                    dtype: Union[str, torch.dtype, None] = None, cuda_graphs: Optional[bool] = None) -> "Pipeline":
+    """A pipeline on components built in memory (e.g. random weights for benchmarks), as `load` makes one;
+    the backend may move and convert the modules in place."""
+    if backend not in BACKENDS:
+        raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    device = _resolve_device(device)
+    dtype = _resolve_dtype(dtype, device)
+    return _assemble(components, backend, device, dtype, _resolve_cuda_graphs(cuda_graphs, backend, device))
+
+
+def _assemble(components: Components, backend: str, device: torch.device, dtype: torch.dtype,
+              graphed: bool) -> "Pipeline":
     vae_scale_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
     components = prepare_backend(backend, components, device, dtype)
     log.info("loaded %s on %s/%s with the %s backend", components.source, device, dtype, backend)
