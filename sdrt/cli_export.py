@@ -1,67 +1,64 @@
 """`sdrt export` (ONNX) and `sdrt build` (TensorRT engines) subcommands.
 
-`add_export_commands(subparsers)` registers both; each handler takes the parsed arguments and returns
-the exit code: 0 done, 2 bad input or a missing/corrupt model or an unavailable backend.
+`add_export_commands(subparsers)` registers both on `sdrt.cli`'s subparsers, with `run` set to a handler
+that takes the parsed arguments and returns the exit code: 0 done, 2 bad input, a missing/corrupt model
+or an unavailable backend (one line on stderr). The top level stays free of torch, as `sdrt.cli` asks.
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from sdrt.errors import SdrtError
 
-log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+EXPORT_HELP = "export a model's components to ONNX (resumable; a half-written export is never used)"
+BUILD_HELP = "build TensorRT engines from an ONNX export (cached by ONNX hash, profile, flags, TensorRT, GPU)"
 
 
 def add_export_commands(subparsers: argparse._SubParsersAction) -> None:
-    from sdrt.export.contracts import COMPONENTS
-    from sdrt.export.onnx import DEFAULT_OPSET, EXPORTERS
-    from sdrt.export.tensorrt import PRECISIONS
+    # the option lists, without importing torch or the export modules
+    components = "text_encoder,unet,vae_encoder,vae_decoder"
 
-    p = subparsers.add_parser("export", help="export a model's components to ONNX (resumable, atomic)")
+    p = subparsers.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP)
     p.add_argument("--model", default=None, help="diffusers folder or .safetensors file (default: bundled tiny model)")
     p.add_argument("--out", required=True, type=Path, help="export directory")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
-    p.add_argument("--components", default=",".join(COMPONENTS),
-                   help=f"comma-separated subset of {','.join(COMPONENTS)}")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    p.add_argument("--exporter", choices=EXPORTERS, default="torchscript")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--components", default=components, help=f"comma-separated subset of {components}")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (dynamo: 18 or newer)")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
     p.add_argument("--device", default="cpu", help="device to trace on: cpu or cuda")
     p.add_argument("--force", action="store_true", help="redo the export even if a finished one matches")
-    p.set_defaults(handler=run_export)
+    p.set_defaults(run=run_export)
 
-    b = subparsers.add_parser("build", help="build TensorRT engines from an ONNX export")
+    b = subparsers.add_parser("build", help=BUILD_HELP, description=BUILD_HELP)
     b.add_argument("--onnx", required=True, type=Path, help="an export directory written by `sdrt export`")
     b.add_argument("--out", required=True, type=Path, help="engine cache directory")
-    b.add_argument("--precision", choices=PRECISIONS, default="fp16")
-    b.add_argument("--components", default=",".join(COMPONENTS))
+    b.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16")
+    b.add_argument("--components", default=components, help=f"comma-separated subset of {components}")
     b.add_argument("--batch", default="1:1:4", help="min:opt:max batch")
     b.add_argument("--height", default="256:512:1024", help="min:opt:max image height in pixels")
     b.add_argument("--width", default="256:512:1024", help="min:opt:max image width in pixels")
     b.add_argument("--static", default=None, metavar="BxHxW",
                    help="one static shape (batch x height x width) instead of a range; enables CUDA graphs")
     b.add_argument("--refit", action="store_true", help="build refittable engines (LoRA weight swaps)")
-    b.set_defaults(handler=run_build)
+    b.set_defaults(run=run_build)
 
 
 def run_export(args: argparse.Namespace) -> int:
+    import torch
+
     from sdrt.components import load_components
     from sdrt.export.onnx import export_onnx
 
     try:
         start = time.perf_counter()
-        components = load_components(args.model, dtype=_DTYPES[args.dtype], device=args.device)
+        components = load_components(args.model, dtype=getattr(torch, args.dtype), device=args.device)
         export = export_onnx(components, args.out, names=_names(args.components), opset=args.opset,
                              exporter=args.exporter, force=args.force)
     except SdrtError as e:
-        return _fail(e)
+        return _fail("export", e)
     print(f"exported {', '.join(export.components)} ({args.dtype}, opset {args.opset}) to {export.directory} "
           f"in {time.perf_counter() - start:.1f} s")
     return 0
@@ -85,7 +82,7 @@ def run_build(args: argparse.Namespace) -> int:
             load_or_build(export, contracts[name], profile, flags, args.out)
             print(f"{name}: engine ready in {time.perf_counter() - start:.1f} s")
     except SdrtError as e:
-        return _fail(e)
+        return _fail("build", e)
     return 0
 
 
@@ -130,6 +127,7 @@ def _profile(args: argparse.Namespace):
     return ShapeProfile(triple("batch", args.batch), triple("height", args.height), triple("width", args.width))
 
 
-def _fail(error: SdrtError) -> int:
-    print(f"sdrt: error: {error}", file=sys.stderr)
+def _fail(command: str, error: SdrtError) -> int:
+    message = " ".join(str(error).split())
+    print(f"sdrt {command}: error: {message}", file=sys.stderr)
     return 2

@@ -192,7 +192,7 @@ def _cli(*argv) -> int:
     parser = argparse.ArgumentParser(prog="sdrt")
     add_export_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(list(argv))
-    return args.handler(args)
+    return args.run(args)
 
 
 def test_cli_export(model_dirs, tmp_path, capsys):

@@ -120,11 +120,11 @@ def test_cli_build_without_tensorrt_exits_2(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="sdrt")
     add_export_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["build", "--onnx", str(tmp_path), "--out", str(tmp_path / "engines")])
-    assert args.handler(args) == 2
+    assert args.run(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("sdrt: error:") and ("TensorRT" in err or "CUDA" in err)
+    assert err.startswith("sdrt build: error:") and ("TensorRT" in err or "CUDA" in err)
     args = parser.parse_args(["build", "--onnx", str(tmp_path), "--out", str(tmp_path), "--static", "2x512"])
-    assert args.handler(args) == 2
+    assert args.run(args) == 2
 
 
 # ------------------------------------------------------------------------------- with TensorRT + CUDA
