@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
+    from sdrt.cli_export import add_export_commands  # export and build register themselves (shared options)
+    add_export_commands(commands)
     return parser
 
 

@@ -3,7 +3,6 @@ and resolution, the manifest, resumable/atomic directories, external data, fp16,
 and the `sdrt export` CLI. One export per model kind is shared by the module."""
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 
@@ -187,12 +186,9 @@ def test_bad_arguments(sd1, tmp_path):
 
 
 def _cli(*argv) -> int:
-    from sdrt.cli_export import add_export_commands
+    from sdrt.cli import main
 
-    parser = argparse.ArgumentParser(prog="sdrt")
-    add_export_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    return args.run(args)
+    return main(list(argv))
 
 
 def test_cli_export(model_dirs, tmp_path, capsys):

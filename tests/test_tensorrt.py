@@ -2,7 +2,6 @@
 TensorRT or CUDA is missing; engine builds and runs where both are importable."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 
@@ -115,16 +114,12 @@ def test_tensorrt_backend_unavailable_is_a_clear_error():
 
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT and CUDA are available here")
 def test_cli_build_without_tensorrt_exits_2(tmp_path, capsys):
-    from sdrt.cli_export import add_export_commands
+    from sdrt.cli import main
 
-    parser = argparse.ArgumentParser(prog="sdrt")
-    add_export_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["build", "--onnx", str(tmp_path), "--out", str(tmp_path / "engines")])
-    assert args.run(args) == 2
+    assert main(["build", "--onnx", str(tmp_path), "--out", str(tmp_path / "engines")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sdrt build: error:") and ("TensorRT" in err or "CUDA" in err)
-    args = parser.parse_args(["build", "--onnx", str(tmp_path), "--out", str(tmp_path), "--static", "2x512"])
-    assert args.run(args) == 2
+    assert main(["build", "--onnx", str(tmp_path), "--out", str(tmp_path), "--static", "2x512"]) == 2
 
 
 # ------------------------------------------------------------------------------- with TensorRT + CUDA
