@@ -24,6 +24,8 @@ from sdrt.errors import SdrtError
 SUBCOMMANDS = {
     "generate": "sdrt.cli_generate",
     "info": "sdrt.cli_info",
+    "check": "sdrt.cli_check",
+    "bench": "sdrt.cli_bench",
 }
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130

@@ -1,0 +1,307 @@
+"""sdrt against diffusers on the same random weights, in one process and one run (`sdrt bench`).
+
+Rows on CUDA (SD 1.5 config, 512x512, batch 1, 50 DDIM steps, CFG 7.5, fp16):
+  sdrt torch (eager) | sdrt triton (CUDA graphs) | diffusers eager (SDPA) | diffusers + torch.compile
+  (mode max-autotune, last so a compile over its budget cannot disturb the others), then secondary rows
+  (fewer runs): batch 4, and the SD 2.1 config (768x768, v-prediction), for sdrt triton and diffusers eager.
+Rows on a CPU (the tiny config, fp32, few steps): sdrt torch and diffusers eager.
+
+Measured per row:
+  - U-Net it/s: steps / wall time of a generation from prompt embeddings to latents (the denoising loop
+    and nothing else), median of `loop_runs`;
+  - end-to-end latency p50/p90 over `runs` generations from token ids to decoded pixels (text encoder,
+    loop, VAE decode) - both libraries take the same token ids, since the bench model's tokenizer is not CLIP's;
+  - first-call time: the first end-to-end call (kernel compilation, autotuning, graph capture, torch.compile);
+  - peak GPU memory over the row (weights included);
+  - MFU: the U-Net FLOPs of one CFG step, counted on the model with torch.utils.flop_counter (on the meta
+    device), x it/s, over the GPU's dense fp16 tensor-core peak (GPU_PEAK_TFLOPS; unknown GPUs get none).
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from sdrt.bench import models
+
+log = logging.getLogger(__name__)
+
+# Dense (no sparsity) fp16 tensor-core peaks, TFLOP/s, from the vendors' datasheets; first match wins.
+GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4), ("A100", 312.0),
+                   ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0))
+
+
+@dataclass
+class Case:
+    model: str
+    batch: int
+    size: int
+    steps: int
+    guidance: float = 7.5
+    runs: int = 5
+    loop_runs: int = 3
+
+
+@dataclass
+class Row:
+    name: str
+    model: str
+    batch: int
+    size: int
+    steps: int
+    dtype: str
+    unet_its: Optional[float] = None
+    latency_p50_s: Optional[float] = None
+    latency_p90_s: Optional[float] = None
+    first_call_s: Optional[float] = None
+    peak_memory_mb: Optional[float] = None
+    tflop_per_step: Optional[float] = None
+    mfu: Optional[float] = None
+    runs: int = 0
+    skipped: Optional[str] = None
+    notes: dict = field(default_factory=dict)
+
+
+def gpu_peak_tflops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_PEAK_TFLOPS if key in name), None)
+
+
+def unet_tflop_per_step(model: str, case: Case) -> float:
+    """FLOPs of one U-Net call on the CFG batch, counted on the meta device (no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdrt.models.unet import UNet
+    _, ucfg, vcfg, _ = models.CONFIGS[model]
+    side = case.size // 2 ** (len(vcfg.block_out_channels) - 1)
+    n = case.batch * (2 if case.guidance > 1 else 1)
+    with torch.device("meta"):
+        unet = UNet(ucfg)
+        x, ctx = torch.randn(n, 4, side, side), torch.randn(n, 77, ucfg.cross_attention_dim)
+        t = torch.tensor(500)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(x, t, ctx)
+    return counter.get_total_flops() / 1e12
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        self.sync()
+        t = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - t
+
+
+def measure(name: str, dtype: torch.dtype, case: Case, device: torch.device,
+            e2e: Callable[[int], Any], loop: Callable[[int], Any], flops: Optional[float]) -> Row:
+    """e2e(seed): token ids -> pixels; loop(seed): prompt embeddings -> latents. Both closures synchronise."""
+    row = Row(name, case.model, case.batch, case.size, case.steps, str(dtype).split(".")[-1], tflop_per_step=flops)
+    timer = _Timer(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    row.first_call_s = timer(lambda: e2e(0))
+    latencies = [timer(lambda s=s: e2e(s)) for s in range(1, case.runs + 1)]
+    loops = [timer(lambda s=s: loop(s)) for s in range(case.loop_runs)]
+    row.runs = case.runs
+    row.latency_p50_s, row.latency_p90_s = _percentile(latencies, 50), _percentile(latencies, 90)
+    row.unet_its = case.steps / statistics.median(loops)
+    if device.type == "cuda":
+        row.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    peak = gpu_peak_tflops(device)
+    if flops is not None and peak is not None:
+        row.mfu = flops * row.unet_its / peak
+    log.info("%s: %.2f it/s, p50 %.3f s", name, row.unet_its, row.latency_p50_s)
+    return row
+
+
+def _ids(tokenizer, case: Case, device) -> torch.Tensor:
+    prompts = ["a photograph of an astronaut riding a horse"] * case.batch
+    return tokenizer([""] * case.batch + prompts).to(device)  # [uncond; cond]
+
+
+def sdrt_row(backend: str, dtype: torch.dtype, case: Case, device: torch.device, flops: Optional[float],
+             cuda_graphs: Optional[bool] = None) -> Row:
+    from sdrt.graphs import DenoiseGraphs
+    from sdrt.pipeline import from_components
+
+    pipe = from_components(models.components(case.model, device=device), backend=backend, device=device,
+                           dtype=dtype, cuda_graphs=cuda_graphs)
+    ids = _ids(pipe.tokenizer, case, device)
+    settings = dict(steps=case.steps, guidance_scale=case.guidance, height=case.size, width=case.size)
+    with torch.inference_mode():
+        embeds = pipe.text_encoder(ids)
+
+    def generate(seed: int, context: Optional[torch.Tensor], output: str):
+        with torch.inference_mode():
+            context = pipe.text_encoder(ids) if context is None else context
+            return pipe(prompt_embeds=context[case.batch:], negative_prompt_embeds=context[:case.batch],
+                        seed=seed, output=output, **settings)
+
+    label = f"sdrt {backend}" + (" (graphed)" if isinstance(pipe.denoiser, DenoiseGraphs) else "")
+    row = measure(label, dtype, case, device, lambda s: generate(s, None, "np"),
+                  lambda s: generate(s, embeds, "latent"), flops)
+    if backend == "triton":
+        row.notes["vae_fp32_fallbacks"] = pipe.vae.fallbacks
+    del pipe
+    _free(device)
+    return row
+
+
+def diffusers_row(dtype: torch.dtype, case: Case, device: torch.device, flops: Optional[float],
+                  compile_budget_s: Optional[float] = None) -> Row:
+    label = "diffusers eager" if compile_budget_s is None else "diffusers compile"
+    try:
+        parts = models.components(case.model, device=device)
+        pipe = models.diffusers_pipeline(parts, device, dtype)
+    except ImportError as e:
+        return _skipped(label, dtype, case, f"diffusers is not importable ({e})")
+    del parts
+    ids = _ids(models.byte_tokenizer(), case, device)
+    with torch.inference_mode():
+        embeds = pipe.text_encoder(ids)[0]
+    settings = dict(num_inference_steps=case.steps, guidance_scale=case.guidance, height=case.size, width=case.size)
+
+    def generate(seed: int, context: Optional[torch.Tensor], output_type: str):
+        with torch.inference_mode():
+            context = pipe.text_encoder(ids)[0] if context is None else context
+            gen = torch.Generator("cpu").manual_seed(seed)
+            return pipe(prompt_embeds=context[case.batch:], negative_prompt_embeds=context[:case.batch],
+                        generator=gen, output_type=output_type, **settings)
+
+    if compile_budget_s is not None:
+        pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=False)
+        error = _within_budget(lambda: generate(0, embeds, "latent"), compile_budget_s)
+        if error is not None:
+            return _skipped(label, dtype, case, error)
+    row = measure(label, dtype, case, device, lambda s: generate(s, None, "np"),
+                  lambda s: generate(s, embeds, "latent"), flops)
+    del pipe
+    _free(device)
+    return row
+
+
+def _within_budget(fn: Callable[[], Any], budget_s: float) -> Optional[str]:
+    """Run fn in a daemon thread; an error text when it raises or outlives the budget (it is then left
+    running: inductor's compile cannot be interrupted, which is why the compile row comes last)."""
+    outcome: dict = {}
+
+    def target():
+        try:
+            fn()
+            outcome["ok"] = True
+        except Exception as e:  # torch.compile fails in many ways; the row records why
+            outcome["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+    thread = threading.Thread(target=target, daemon=True)
+    start = time.perf_counter()
+    thread.start()
+    thread.join(budget_s)
+    if thread.is_alive():
+        return f"torch.compile did not finish within its {budget_s:.0f} s budget"
+    if "error" in outcome:
+        return f"torch.compile failed: {outcome['error']}"
+    log.info("torch.compile warm-up took %.1f s", time.perf_counter() - start)
+    return None
+
+
+def _skipped(name: str, dtype: torch.dtype, case: Case, reason: str) -> Row:
+    log.warning("%s skipped: %s", name, reason)
+    return Row(name, case.model, case.batch, case.size, case.steps, str(dtype).split(".")[-1], skipped=reason)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _diffusers_available() -> Optional[str]:
+    try:
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+def run_bench(device: torch.device, *, steps: Optional[int] = None, runs: Optional[int] = None,
+              compile_budget_s: float = 180.0, secondary: bool = True,
+              rows: Optional[set[str]] = None) -> dict:
+    """All rows for `device`; `rows` limits them by name prefix (e.g. {"sdrt", "diffusers eager"})."""
+    device = torch.device(device)
+    want = (lambda name: True) if rows is None else (lambda name: any(name.startswith(r) for r in rows))
+    out_rows: list[Row] = []
+    missing = _diffusers_available()
+    if device.type == "cuda":
+        dtype = torch.float16
+        main = Case("sd15", 1, 512, steps or 50, runs=runs or 5)
+        extra = [Case("sd15", 4, 512, steps or 50, runs=min(runs or 3, 3), loop_runs=2),
+                 Case("sd21", 1, 768, steps or 50, runs=min(runs or 3, 3), loop_runs=2)] if secondary else []
+    else:
+        dtype = torch.float32
+        main = Case("tiny", 1, 16, steps or 10, runs=runs or 5)
+        extra = []
+    flops = {id(c): unet_tflop_per_step(c.model, c) for c in [main, *extra]}
+
+    plan: list[tuple[str, Callable[[], Row]]] = [("sdrt torch", lambda: sdrt_row("torch", dtype, main, device,
+                                                                                 flops[id(main)]))]
+    if device.type == "cuda":
+        plan.append(("sdrt triton", lambda: sdrt_row("triton", dtype, main, device, flops[id(main)])))
+    plan.append(("diffusers eager", lambda: diffusers_row(dtype, main, device, flops[id(main)])))
+    for case in extra:
+        plan.append(("sdrt triton", lambda c=case: sdrt_row("triton", dtype, c, device, flops[id(c)])))
+        plan.append(("diffusers eager", lambda c=case: diffusers_row(dtype, c, device, flops[id(c)])))
+    if device.type == "cuda":
+        plan.append(("diffusers compile", lambda: diffusers_row(dtype, main, device, flops[id(main)],
+                                                                compile_budget_s=compile_budget_s)))
+    for name, make in plan:
+        if not want(name):
+            continue
+        if name.startswith("diffusers") and missing is not None:
+            out_rows.append(_skipped(name, dtype, main, f"diffusers is not importable ({missing})"))
+            continue
+        try:
+            out_rows.append(make())
+        except torch.cuda.OutOfMemoryError as e:
+            out_rows.append(_skipped(name, dtype, main, f"out of memory: {' '.join(str(e).split())[:200]}"))
+            _free(device)
+    return dict(device=_device_name(device), torch=torch.__version__, dtype=str(dtype).split(".")[-1],
+                peak_tflops=gpu_peak_tflops(device), rows=[asdict(r) for r in out_rows],
+                speedups=speedups(out_rows))
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def speedups(rows: list[Row]) -> dict:
+    """U-Net it/s of the fastest sdrt row over each diffusers row, on the main case (the first row's)."""
+    if not rows:
+        return {}
+    main = (rows[0].model, rows[0].batch, rows[0].size)
+    same = [r for r in rows if (r.model, r.batch, r.size) == main and r.unet_its]
+    ours = [r for r in same if r.name.startswith("sdrt")]
+    if not ours:
+        return {}
+    best = max(ours, key=lambda r: r.unet_its)
+    return {f"{best.name} / {r.name}": best.unet_its / r.unet_its for r in same if r.name.startswith("diffusers")}

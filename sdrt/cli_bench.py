@@ -1,0 +1,41 @@
+"""`sdrt bench`: sdrt against diffusers on the same random weights, side by side in one run.
+
+On CUDA: the SD 1.5 config at 512x512 (and secondary rows); on a CPU: the tiny config, so anyone can
+try it. Prints a table and writes JSON and a PNG bar chart into --out. See bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "benchmark sdrt against diffusers on the same random-weight model (table, JSON, PNG)"
+ROW_NAMES = ("sdrt torch", "sdrt triton", "diffusers eager", "diffusers compile")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="output folder (default bench/results)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50 on cuda, 10 on cpu)")
+    p.add_argument("--runs", type=int, default=None, help="timed end-to-end runs per main row (default 5)")
+    p.add_argument("--compile-budget", type=float, default=180.0,
+                   help="seconds allowed for torch.compile's first call before that row is skipped (default 180)")
+    p.add_argument("--no-secondary", action="store_true", help="skip the batch-4 and SD 2.1 rows")
+    p.add_argument("--rows", action="append", choices=ROW_NAMES, default=None, help="only these rows (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sdrt.bench import report, side_by_side
+    from sdrt.checks import check_positive_int
+    from sdrt.pipeline import _resolve_device
+
+    for name in ("steps", "runs"):
+        if getattr(args, name) is not None:
+            check_positive_int(name, getattr(args, name))
+    device = _resolve_device(args.device)
+    result = side_by_side.run_bench(device, steps=args.steps, runs=args.runs, compile_budget_s=args.compile_budget,
+                                    secondary=not args.no_secondary,
+                                    rows=None if args.rows is None else set(args.rows))
+    print(report.table(result))
+    json_path, png_path = report.write(result, args.out)
+    print(f"wrote {json_path}" + (f" and {png_path}" if png_path else " (no PNG: matplotlib is not installed)"))
+    return 0

@@ -1,0 +1,36 @@
+"""`sdrt check`: a backend against the float32 torch reference (see `sdrt.parity`); exit 1 when a limit fails."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "compare a backend with the float32 torch reference: per-component errors and image PSNR"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="diffusers folder or .safetensors checkpoint, or random:tiny|random:sd15|random:sd21 "
+                        "(random weights built in memory; default: the bundled tiny model)")
+    p.add_argument("--backend", default="torch", help="torch, triton, onnxruntime or tensorrt (default torch)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on cuda)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps end to end (default 20)")
+    p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default: two built in)")
+    p.add_argument("--size", type=int, default=None, help="square image size (default: the model's native size)")
+    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sdrt import parity
+    from sdrt.checks import check_positive_int
+
+    steps = check_positive_int("steps", args.steps)
+    prompts = args.prompt or list(parity.DEFAULT_PROMPTS)
+    report = parity.compare(args.model, args.backend, dtype=args.dtype, device=args.device, prompts=prompts,
+                            steps=steps, height=args.size, width=args.size)
+    print(report.table())
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    return 0 if report.passed else 1
