@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdrt.backends import BACKENDS
+from sdrt.checks import check_positive_int
 from sdrt.components import Components, load_components
 from sdrt.errors import InvalidInputError
 from sdrt.pipeline import Pipeline, _resolve_device, _resolve_dtype, from_components
@@ -167,8 +169,11 @@ def compare(model: Union[str, Path, None], backend: str = "torch", *, dtype: Uni
             scheduler: str = "ddim", height: Optional[int] = None, width: Optional[int] = None) -> ParityReport:
     """Run the float32 torch reference, the torch baseline in `dtype` and `backend` in `dtype` on the same
     inputs; see the module docstring for the metrics and limits. seeds: one per prompt (default 0, 1, ...)."""
+    if backend not in BACKENDS:
+        raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
+    steps = check_positive_int("steps", steps)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise InvalidInputError("prompts must be a non-empty list of strings")
