@@ -57,7 +57,7 @@ step() {
   echo "$name: exit $rc in $((SECONDS - start))s$( ((rc == 124)) && echo ' (timed out)')" | tee -a "$out/summary.txt"
 }
 
-step tests 150 $py -m pytest -q -x tests/test_graphs.py tests/test_triton_backend.py tests/test_kernel_attention.py \
+step tests 150 $py -m pytest -q tests/test_graphs.py tests/test_triton_backend.py tests/test_kernel_attention.py \
   tests/test_kernel_group_norm.py tests/test_triton_unet.py --junitxml="$out/tests.xml"
 step bench 300 $py -m sdrt.cli -v bench --out "$out" --compile-budget "${SDRT_COMPILE_BUDGET:-120}"
 step check 90 $py -m sdrt.cli check --model random:sd15 --backend triton --dtype float16 --steps 20 \

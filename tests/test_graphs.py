@@ -7,6 +7,8 @@ inpainting blend. The capture itself needs CUDA: those tests skip without it. Ta
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -198,7 +200,7 @@ def test_captured_call_replays_with_new_inputs():
 @requires_cuda
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "dpmpp_2m"])
 def test_captured_loop_equals_the_eager_loop_on_cuda(tiny_unet, scheduler):
-    unet = tiny_unet.cuda()
+    unet = copy.deepcopy(tiny_unet).cuda()
     graphs = DenoiseGraphs(GraphCache.for_device(torch.device("cuda")), capture=True)
     for seed in (0, 1):
         sched, schedule, latents, context, start, noise = _loop_inputs(scheduler, 4, 7.5, seed)

@@ -14,6 +14,7 @@ import torch
 import sdrt
 from sdrt.backends.triton_backend import TritonVAE, prepare_triton
 from sdrt.bench import models
+from sdrt.graphs import DenoiseGraphs
 from sdrt.models.ops import TorchKernels
 from sdrt.pipeline import from_components
 
@@ -76,15 +77,10 @@ def test_fp16_graphed_generation_on_cuda_stays_near_the_fp32_reference():
     ref = from_components(models.components("tiny", seed=4), device="cuda", dtype="float32")(**settings)
     half = from_components(models.components("tiny", seed=4), device="cuda", dtype="float16")(**settings)
     pipe = from_components(models.components("tiny", seed=4), backend="triton", device="cuda", dtype="float16")
-    assert pipe.denoiser is not denoise_fn()
+    assert isinstance(pipe.denoiser, DenoiseGraphs)
     pipe.warmup(16, 16, steps=4)
     out = pipe(**settings)
     torch_err = (half.latents - ref.latents).abs().max().item()
     err = (out.latents - ref.latents).abs().max().item()
     assert err <= 2 * torch_err + 1e-3, f"triton fp16 error {err:.3g} vs torch fp16 error {torch_err:.3g}"
     assert pipe.denoiser.cache.captures == 1
-
-
-def denoise_fn():
-    from sdrt.denoise import denoise
-    return denoise
