@@ -1,0 +1,1 @@
+"""The bundled tiny model: its synthetic dataset, its vocabulary and its training script."""
