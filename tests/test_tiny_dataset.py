@@ -45,3 +45,17 @@ def test_vocabulary_encodes_caption_words_whole_and_matches_transformers(tmp_pat
     prompts = ["a red circle on a blue background", "A Purple hexagon, please!", "", "ünïcode 😀 words"]
     expected = ref(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     assert torch.equal(ours(prompts), expected)
+
+
+def test_training_script_writes_a_folder_sdrt_and_diffusers_load(tmp_path):
+    import sdrt
+    from sdrt.tiny.train import main
+
+    out = tmp_path / "model"
+    assert main(["--out", str(out), "--vae-steps", "2", "--unet-steps", "2", "--dataset-size", "16",
+                 "--batch-size", "4", "--work", str(tmp_path / "work")]) == 0
+    assert (tmp_path / "work" / "vae.safetensors").is_file()  # the stage cache a later run can reuse
+    result = sdrt.load(out)("a red circle on a blue background", steps=2, seed=0, output="np")
+    assert result.images.shape == (1, 64, 64, 3)
+    diffusers = pytest.importorskip("diffusers")
+    diffusers.StableDiffusionPipeline.from_pretrained(str(out))
