@@ -4,9 +4,6 @@ Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py sets TRI
 32 x 16 blocks so that L in {17, 64, 77} covers partial query and key blocks; SD 1.5's real shapes run
 only on a GPU. Target: < 30 s on a 2-core CPU.
 """
-import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +14,7 @@ from sdrt.errors import BackendUnavailableError, InvalidInputError
 
 pytest.importorskip("triton")
 from sdrt.kernels.flash_attention import attention_reference  # noqa: E402
+from sm90 import compile_for_sm90
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HEAD_DIMS = [40, 64, 80, 128, 160]
@@ -131,18 +129,9 @@ def test_missing_triton_raises_backend_unavailable(monkeypatch):
 def test_compiles_for_h100_with_pipelined_tensor_core_loads():
     # The interpreter never compiles: build PTX for sm_90 (no GPU needed) and check that head_dim 40 in
     # [B, L, H, D] views keeps async (pipelined) loads and wgmma, and that bf16 160 / fp32 80 compile.
-    fp16_d40, bf16_d160, fp32_d80 = _compile_for_sm90("attention")
+    fp16_d40, bf16_d160, fp32_d80 = compile_for_sm90("attention")
     assert fp16_d40["head_dim"] == 40 and fp16_d40["cp_async"] > 0 and fp16_d40["wgmma"] > 0
     assert bf16_d160["wgmma"] > 0 and fp32_d80["cp_async"] > 0
-
-
-def _compile_for_sm90(kernel_name: str) -> list:
-    """Run sdrt.kernels.compile_check in a fresh process without the interpreter; its JSON lines."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "sdrt.kernels.compile_check", kernel_name],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in proc.stdout.splitlines()]
 
 
 # SD 1.5 at 512x512 with classifier-free guidance: batch 2, 8 heads, self-attention over 4096..64 tokens,

@@ -3,10 +3,6 @@
 Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so
 the shapes are tiny; SD 1.5's real shapes run only on a GPU. Target: < 40 s on a 2-core CPU.
 """
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +12,7 @@ from sdrt.errors import InvalidInputError
 
 pytest.importorskip("triton")
 from sdrt.kernels.group_norm_silu import _group_norm, group_norm_reference  # noqa: E402
+from sm90 import compile_for_sm90
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -122,17 +119,8 @@ def test_bad_weight_and_dtype_raise():
 
 def test_compiles_for_h100():
     # The interpreter never compiles: build PTX for sm_90 (no GPU needed) for the channels-last fp16 case.
-    stats, apply = _compile_for_sm90("group_norm")
+    stats, apply = compile_for_sm90("group_norm")
     assert stats["kernel"] == "_group_norm_stats_kernel" and apply["kernel"] == "_group_norm_apply_kernel"
-
-
-def _compile_for_sm90(kernel_name: str) -> list:
-    """Run sdrt.kernels.compile_check in a fresh process without the interpreter; its JSON lines."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-m", "sdrt.kernels.compile_check", kernel_name],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in proc.stdout.splitlines()]
 
 
 # SD 1.5 at 512x512 with classifier-free guidance (batch 2), fp16 channels-last, as the U-Net and VAE run.
