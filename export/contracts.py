@@ -6,7 +6,7 @@ Sizes in a `ShapeProfile` are image pixels; each contract converts them to its o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -79,6 +79,8 @@ class ExportContract:
     output_shapes: Callable[[dict[str, Shape]], dict[str, Shape]]
     # float inputs follow the export dtype; these keep a fixed dtype
     fixed_input_dtypes: dict[str, torch.dtype]
+    # integer inputs -> their exclusive upper bound (token ids must index this model's vocabulary)
+    id_bounds: dict[str, int] = field(default_factory=dict)
 
     def sample_inputs(self, batch: int, height: int, width: int, dtype: torch.dtype,
                       device: torch.device | str = "cpu", seed: int = 0) -> dict[str, torch.Tensor]:
@@ -87,7 +89,7 @@ class ExportContract:
         for name, shape in self.input_shapes(batch, height, width).items():
             fixed = self.fixed_input_dtypes.get(name)
             if fixed == torch.int64:
-                value = torch.randint(0, 49408, shape, generator=gen)
+                value = torch.randint(0, self.id_bounds[name], shape, generator=gen)
             elif name == "timestep":
                 value = torch.randint(0, 1000, shape, generator=gen).float()
             else:
@@ -130,7 +132,7 @@ def contracts_for(components: Components) -> dict[str, ExportContract]:
             {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}},
             lambda c: c.text_encoder, text_inputs,
             lambda s: {"last_hidden_state": (s["input_ids"][0], TEXT_LENGTH, tcfg.hidden_size)},
-            {"input_ids": torch.int64}),
+            {"input_ids": torch.int64}, {"input_ids": tcfg.vocab_size}),
         "unet": ExportContract(
             "unet", ("sample", "timestep", "encoder_hidden_states"), ("noise_pred",),
             {"sample": bhw, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"}, "noise_pred": bhw},

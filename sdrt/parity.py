@@ -91,7 +91,8 @@ class ParityReport:
     def table(self) -> str:
         head = (f"{'component':12} {'max abs':>10} {'limit':>10} {'(' + self.baseline + ')':>16} "
                 f"{'cosine':>10} {'limit':>10} {'PSNR dB':>8} {'limit':>7}  result")
-        lines = [f"sdrt check: {self.backend} {self.dtype} on {self.device} vs torch float32, model {self.model}", head]
+        model = self.model or "the bundled tiny model"
+        lines = [f"sdrt check: {self.backend} {self.dtype} on {self.device} vs torch float32, model {model}", head]
         for r in self.rows:
             psnr = "" if r.backend.psnr is None else f"{r.backend.psnr:8.2f} {r.psnr_limit:7.2f}"
             lines.append(f"{r.component:12} {r.backend.max_abs:10.3g} {r.max_abs_limit:10.3g} "

@@ -61,3 +61,11 @@ def test_cuda_io_binding_matches_cpu(model):
     got = gpu_pipe.unet(x.cuda(), torch.tensor(500.0, device="cuda"), ctx.cuda())
     assert got.is_cuda
     assert (got.cpu() - ref).abs().max().item() <= 1e-3  # TF32/cuDNN conv algorithms vs the CPU kernels
+
+
+def test_bundled_model_with_its_own_small_vocabulary(tmp_path, monkeypatch):
+    """The export's sample token ids must fit the model's vocabulary (the bundled model has 562 tokens)."""
+    monkeypatch.setenv("SDRT_CACHE", str(tmp_path))
+    kwargs = dict(prompt="a red circle on a blue background", steps=4, seed=0, output="np")
+    ref, got = sdrt.load(backend="torch")(**kwargs), sdrt.load(backend="onnxruntime")(**kwargs)
+    assert np.abs(got.images - ref.images).max() <= IMAGE_TOL
