@@ -91,8 +91,7 @@ class ParityReport:
     def table(self) -> str:
         head = (f"{'component':12} {'max abs':>10} {'limit':>10} {'(' + self.baseline + ')':>16} "
                 f"{'cosine':>10} {'limit':>10} {'PSNR dB':>8} {'limit':>7}  result")
-        model = self.model or "the bundled tiny model"
-        lines = [f"sdrt check: {self.backend} {self.dtype} on {self.device} vs torch float32, model {model}", head]
+        lines = [f"sdrt check: {self.backend} {self.dtype} on {self.device} vs torch float32, model {self.model}", head]
         for r in self.rows:
             psnr = "" if r.backend.psnr is None else f"{r.backend.psnr:8.2f} {r.psnr_limit:7.2f}"
             lines.append(f"{r.component:12} {r.backend.max_abs:10.3g} {r.max_abs_limit:10.3g} "
@@ -213,8 +212,8 @@ def compare(model: Union[str, Path, None], backend: str = "torch", *, dtype: Uni
             torch.cuda.empty_cache()
     runs.setdefault("backend", runs["baseline"])
 
-    report = ParityReport(model=str(model), backend=backend, dtype=dtype_name, device=str(device),
-                          baseline=f"torch {dtype_name}")
+    report = ParityReport(model="the bundled tiny model" if model is None else str(model), backend=backend,
+                          dtype=dtype_name, device=str(device), baseline=f"torch {dtype_name}")
     for component in COMPONENTS:
         psnr = component == "image"
         cand = distance(runs["backend"][component], ref[component], psnr)
