@@ -58,7 +58,10 @@ class CapturedCall:
     def __init__(self, fn: Callable[..., Output], example_inputs: Sequence[Tensor], *, capture: bool,
                  warmup_runs: int = 1):
         self.fn = fn
-        self.static_inputs = [t.detach().clone() for t in example_inputs]
+        # Normal tensors even when created under inference_mode: an inference tensor refuses the in-place
+        # copy of a later call made outside inference_mode (normal tensors accept copies in both modes).
+        with torch.inference_mode(False):
+            self.static_inputs = [t.detach().clone() for t in example_inputs]
         self.graph: Optional["torch.cuda.CUDAGraph"] = None
         self.static_output: Optional[Output] = None
         self.nbytes = _tensor_bytes(self.static_inputs)

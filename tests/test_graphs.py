@@ -81,6 +81,15 @@ def test_uncaptured_call_runs_on_static_buffers_and_returns_copies():
         call(torch.zeros(4), torch.zeros(3))
 
 
+def test_call_made_under_inference_mode_accepts_later_calls_outside_it():
+    with torch.inference_mode():
+        call = CapturedCall(lambda x: x * 2, [torch.ones(3)], capture=False)
+        assert torch.equal(call(torch.ones(3)), torch.full((3,), 2.0))
+    assert torch.equal(call(torch.arange(3.0)), torch.tensor([0.0, 2.0, 4.0]))
+    with torch.inference_mode():
+        assert torch.equal(call(torch.ones(3)), torch.full((3,), 2.0))
+
+
 def test_capture_refuses_cpu_tensors():
     with pytest.raises(sdrt.InvalidInputError, match="CUDA"):
         CapturedCall(lambda x: x + 1, [torch.zeros(2)], capture=True)
