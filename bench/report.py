@@ -32,16 +32,32 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write(result: dict, out_dir: Path, stamp: Optional[str] = None) -> tuple[Path, Optional[Path]]:
-    """bench-<device>-<time>.json and .png in out_dir; the PNG is None when matplotlib is missing."""
+def new_stamp() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def write_json(result: dict, out_dir: Path, stamp: str) -> Path:
+    """bench-<device>-<stamp>.json in out_dir, replaced atomically (rewritten after every row)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     result = dict(result, date=now.isoformat(timespec="seconds"))
+    json_path = _base(result, out_dir, stamp).with_suffix(".json")
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(json_path)
+    return json_path
+
+
+def write(result: dict, out_dir: Path, stamp: Optional[str] = None) -> tuple[Path, Optional[Path]]:
+    """bench-<device>-<stamp>.json and .png in out_dir; the PNG is None when matplotlib is missing."""
+    stamp = stamp or new_stamp()
+    json_path = write_json(result, out_dir, stamp)
+    return json_path, plot(result, _base(result, out_dir, stamp).with_suffix(".png"))
+
+
+def _base(result: dict, out_dir: Path, stamp: str) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")[:40]
-    base = out_dir / f"bench-{slug}-{stamp or now.strftime('%Y%m%dT%H%M%SZ')}"
-    json_path = base.with_suffix(".json")
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    return json_path, plot(result, base.with_suffix(".png"))
+    return out_dir / f"bench-{slug}-{stamp}"
 
 
 def plot(result: dict, path: Path) -> Optional[Path]:

@@ -243,8 +243,9 @@ def _diffusers_available() -> Optional[str]:
 
 def run_bench(device: torch.device, *, steps: Optional[int] = None, runs: Optional[int] = None,
               compile_budget_s: float = 180.0, secondary: bool = True,
-              rows: Optional[set[str]] = None) -> dict:
-    """All rows for `device`; `rows` limits them by name prefix (e.g. {"sdrt", "diffusers eager"})."""
+              rows: Optional[set[str]] = None, on_row: Optional[Callable[[dict], None]] = None) -> dict:
+    """All rows for `device`; `rows` limits them by name prefix (e.g. {"sdrt", "diffusers eager"}).
+    `on_row(result so far)` is called after every row, so a run killed midway still leaves its rows."""
     device = torch.device(device)
     want = (lambda name: True) if rows is None else (lambda name: any(name.startswith(r) for r in rows))
     out_rows: list[Row] = []
@@ -282,9 +283,15 @@ def run_bench(device: torch.device, *, steps: Optional[int] = None, runs: Option
         except torch.cuda.OutOfMemoryError as e:
             out_rows.append(_skipped(name, dtype, main, f"out of memory: {' '.join(str(e).split())[:200]}"))
             _free(device)
+        if on_row is not None:
+            on_row(_result(device, dtype, out_rows, complete=False))
+    return _result(device, dtype, out_rows, complete=True)
+
+
+def _result(device: torch.device, dtype: torch.dtype, rows: list[Row], complete: bool) -> dict:
     return dict(device=_device_name(device), torch=torch.__version__, dtype=str(dtype).split(".")[-1],
-                peak_tflops=gpu_peak_tflops(device), rows=[asdict(r) for r in out_rows],
-                speedups=speedups(out_rows))
+                peak_tflops=gpu_peak_tflops(device), complete=complete, rows=[asdict(r) for r in rows],
+                speedups=speedups(rows))
 
 
 def _device_name(device: torch.device) -> str:

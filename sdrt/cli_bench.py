@@ -32,10 +32,12 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             check_positive_int(name, getattr(args, name))
     device = _resolve_device(args.device)
+    stamp = report.new_stamp()
     result = side_by_side.run_bench(device, steps=args.steps, runs=args.runs, compile_budget_s=args.compile_budget,
                                     secondary=not args.no_secondary,
-                                    rows=None if args.rows is None else set(args.rows))
+                                    rows=None if args.rows is None else set(args.rows),
+                                    on_row=lambda partial: report.write_json(partial, args.out, stamp))
     print(report.table(result))
-    json_path, png_path = report.write(result, args.out)
+    json_path, png_path = report.write(result, args.out, stamp)
     print(f"wrote {json_path}" + (f" and {png_path}" if png_path else " (no PNG: matplotlib is not installed)"))
     return 0

@@ -35,3 +35,17 @@ def test_bench_on_cpu_writes_table_json_and_png(tmp_path, capsys):
     assert "diffusers eager" in names  # run, or skipped with its reason when diffusers is missing
     png = next(tmp_path.glob("bench-*.png"))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_keeps_finished_rows_when_a_later_row_dies(tmp_path, monkeypatch, capsys):
+    from sdrt.bench import side_by_side
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what `timeout --signal=INT` delivers midway through a row
+
+    monkeypatch.setattr(side_by_side, "diffusers_row", killed)
+    main(["bench", "--device", "cpu", "--steps", "2", "--runs", "2", "--out", str(tmp_path)])
+    capsys.readouterr()
+    result = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert not result["complete"] and [r["name"] for r in result["rows"]] == ["sdrt torch"]
+    assert result["rows"][0]["unet_its"] > 0
