@@ -37,6 +37,7 @@ import torch
 import sdrt
 from sdrt.components import Components
 from sdrt.errors import BackendUnavailableError, InvalidInputError, ModelLoadError
+from sdrt.export.causal_attention import dtype_preserving_causal_attention
 from sdrt.export.contracts import COMPONENTS, ExportContract, check_component_names, contracts_for, vae_scale
 
 log = logging.getLogger(__name__)
@@ -225,8 +226,9 @@ def _torch_export(module, args, path: Path, contract: ExportContract, opset: int
         # arithmetic, which the dynamic axes cover (checked at two resolutions in the tests)
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
-            torch.onnx.export(module, args, str(path), dynamo=False, do_constant_folding=True,
-                              dynamic_axes=contract.dynamic_axes, **common)
+            with dtype_preserving_causal_attention(opset):
+                torch.onnx.export(module, args, str(path), dynamo=False, do_constant_folding=True,
+                                  dynamic_axes=contract.dynamic_axes, **common)
         else:
             shapes = tuple(contract.dynamic_axes[n] for n in contract.input_names)
             program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=shapes, verbose=False, **common)

@@ -172,6 +172,22 @@ def test_fp16_export_error_is_within_twice_torch_fp16_error(model_dirs, sd1, tmp
     assert got.dtype == torch.float32 and (got - ref).abs().max().item() <= 2 * torch_err
 
 
+def test_fp16_text_encoder_export_keeps_its_causal_attention_in_fp16(model_dirs, sd1, tmp_path):
+    # TorchScript's causal-SDPA symbolic builds its mask in float32, which promoted half of each CLIP
+    # layer to float32 and failed ONNX validation (LayerNormalization scale type) for every fp16 export
+    half = load_components(model_dirs / "sd1", dtype=torch.float16)
+    export = export_onnx(half, tmp_path / "onnx", names=("text_encoder",))
+    contract = contracts_for(sd1)["text_encoder"]
+    ids = contract.sample_inputs(2, 16, 16, torch.float32)["input_ids"]
+    with torch.no_grad():
+        ref = sd1.text_encoder(ids)
+        torch_err = (half.text_encoder(ids).float() - ref).abs().max().item()
+    session = ort.InferenceSession(str(export.path("text_encoder")), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input_ids": ids.numpy()})[0]
+    assert got.dtype == np.float16
+    assert (torch.from_numpy(got).float() - ref).abs().max().item() <= 2 * torch_err
+
+
 def test_bad_arguments(sd1, tmp_path):
     foreign = tmp_path / "photos"
     foreign.mkdir()
