@@ -5,6 +5,7 @@ project); the cache logic it relies on (`engine_cache`) is tested without Tensor
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Optional
@@ -33,7 +34,10 @@ def require_tensorrt():
     return trt
 
 
+@functools.cache
 def _logger():
+    # one logger for the process: TensorRT keeps a single logger pointer for all builders, runtimes and
+    # refitters, warns about every other one, and would hold a dangling pointer once its first is freed
     trt = require_tensorrt()
     return trt.Logger(trt.Logger.WARNING)
 
@@ -127,7 +131,11 @@ class Engine:
 
     def _execute(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         for name, t in inputs.items():
-            self.context.set_input_shape(name, tuple(t.shape))
+            # False (with only a TensorRT log line) when the shape is outside the engine's profile
+            if not self.context.set_input_shape(name, tuple(t.shape)):
+                lo, _, hi = (tuple(d) for d in self.engine.get_tensor_profile_shape(name, 0))
+                raise InvalidInputError(f"{name} shape {tuple(t.shape)} is outside the {self.contract.name} "
+                                        f"engine's profile (min {lo}, max {hi}); build engines for this size")
         outputs = [torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=self.dtypes[n], device=self.device)
                    for n in self.contract.output_names]
         self._enqueue(inputs, outputs)

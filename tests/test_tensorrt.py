@@ -155,3 +155,62 @@ def test_engines_match_torch(tiny, static, monkeypatch):
     decoded = engines.vae.decode(x)
     with torch.no_grad():
         assert (decoded.float() - reference.vae.decode(x)).abs().max().item() <= 1e-2
+
+
+# ------------------------------------------------------------- TensorRT call sequence, with fakes on CPU
+class _FakeContext:
+    """TensorRT 10's IExecutionContext for an engine whose profile spans sample [1-2, 4, 8, 8]."""
+
+    def __init__(self):
+        self.shapes = {}
+
+    def set_input_shape(self, name, shape):
+        ok = 1 <= shape[0] <= 2 and shape[1:] == (4, 8, 8)
+        if ok:
+            self.shapes[name] = shape
+        return ok  # TensorRT logs an error and returns False; it does not raise
+
+    def get_tensor_shape(self, name):
+        return self.shapes.get("sample", (-1, 4, -1, -1))
+
+
+class _FakeEngine:
+    def get_tensor_profile_shape(self, name, profile_index):
+        return [(1, 4, 8, 8), (2, 4, 8, 8), (2, 4, 8, 8)]
+
+
+def test_input_shape_outside_the_profile_is_a_clear_error():
+    from types import SimpleNamespace
+
+    from sdrt.errors import InvalidInputError
+    from sdrt.export.tensorrt import Engine
+
+    engine = Engine.__new__(Engine)  # the call path only; no TensorRT here
+    engine.engine, engine.context, engine.device = _FakeEngine(), _FakeContext(), torch.device("cpu")
+    engine.contract = SimpleNamespace(name="unet", output_names=("noise_pred",))
+    engine.dtypes = {"noise_pred": torch.float32}
+    with pytest.raises(InvalidInputError, match=r"sample shape \(4, 4, 8, 8\) is outside the unet engine's "
+                                                r"profile \(min \(1, 4, 8, 8\), max \(2, 4, 8, 8\)\)"):
+        engine._execute({"sample": torch.zeros(4, 4, 8, 8)})
+
+
+def test_one_tensorrt_logger_per_process(monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    from sdrt.export import tensorrt as trt_export
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            self.severity = severity
+
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(Logger=Logger))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    clear = getattr(trt_export._logger, "cache_clear", lambda: None)  # no TensorRT logger from another test
+    clear()
+    try:
+        assert trt_export._logger() is trt_export._logger()
+    finally:
+        clear()

@@ -2,8 +2,9 @@
 
 Engines come from the engine cache under $SDRT_CACHE/tensorrt (built on first use, rebuilt when the
 ONNX file, profile, flags, TensorRT version or GPU changes). The default profile spans batch 1-8 and
-half to twice the model's native resolution; a static profile (`prepare_engines(..., static=True)`)
-also captures each engine in a CUDA graph.
+half to twice the model's native resolution; a static profile
+(`prepare_engines(..., profile=ShapeProfile.static(batch, height, width))`) also captures each engine in
+a CUDA graph.
 """
 from __future__ import annotations
 
