@@ -51,16 +51,18 @@ def run_export(args: argparse.Namespace) -> int:
 
     from sdrt.components import load_components
     from sdrt.export.onnx import export_onnx
+    from sdrt.pipeline import _resolve_device
 
     try:
         start = time.perf_counter()
-        components = load_components(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+        device = _resolve_device(args.device)  # a one-line error for meta, unknown or unavailable devices
+        components = load_components(args.model, dtype=getattr(torch, args.dtype), device=device)
         export = export_onnx(components, args.out, names=_names(args.components), opset=args.opset,
                              exporter=args.exporter, force=args.force)
     except SdrtError as e:
         return _fail("export", e)
-    print(f"exported {', '.join(export.components)} ({args.dtype}, opset {args.opset}) to {export.directory} "
-          f"in {time.perf_counter() - start:.1f} s")
+    print(f"exported {', '.join(export.components)} ({args.dtype}, opset {export.manifest['opset']}) "
+          f"to {export.directory} in {time.perf_counter() - start:.1f} s")
     return 0
 
 

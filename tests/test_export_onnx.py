@@ -215,3 +215,18 @@ def test_cli_export(model_dirs, tmp_path, capsys):
     assert _cli("export", "--model", str(model_dirs / "sd1"), "--out", str(tmp_path / "o"),
                 "--components", "text_encoder") == 0
     assert read_export(tmp_path / "o").components == ("text_encoder",)
+
+
+@pytest.mark.parametrize("device", ["meta", "tpu"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_cli_export_bad_device_is_a_one_line_error(model_dirs, tmp_path, capsys, device):
+    assert _cli("export", "--model", str(model_dirs / "sd1"), "--out", str(tmp_path / "o"), "--device", device) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdrt export: error: device") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_export_reports_the_opset_it_used(model_dirs, tmp_path, capsys):
+    # the dynamo exporter raises opset 17 to 18; the summary line must say what was written
+    assert _cli("export", "--model", str(model_dirs / "sd1"), "--out", str(tmp_path / "o"),
+                "--components", "text_encoder", "--exporter", "dynamo") == 0
+    assert "opset 18" in capsys.readouterr().out and read_export(tmp_path / "o").manifest["opset"] == 18
