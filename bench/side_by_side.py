@@ -3,7 +3,7 @@
 Rows on CUDA (SD 1.5 config, 512x512, batch 1, 50 DDIM steps, CFG 7.5, fp16):
   sdrt torch (eager) | sdrt triton (CUDA graphs) | diffusers eager (SDPA) | diffusers + torch.compile
   (mode max-autotune, last so a compile over its budget cannot disturb the others), then secondary rows
-  (fewer runs): batch 4, and the SD 2.1 config (768x768, v-prediction), for sdrt triton and diffusers eager.
+  (20 steps, 2 runs): batch 4, and the SD 2.1 config (768x768, v-prediction), for sdrt triton and diffusers eager.
 Rows on a CPU (the tiny config, fp32, few steps): sdrt torch and diffusers eager.
 
 Measured per row:
@@ -165,7 +165,7 @@ def sdrt_row(backend: str, dtype: torch.dtype, case: Case, device: torch.device,
 
 
 def diffusers_row(dtype: torch.dtype, case: Case, device: torch.device, flops: Optional[float],
-                  compile_budget_s: Optional[float] = None) -> Row:
+                  compile_budget_s: Optional[float] = None, compile_mode: str = "max-autotune") -> Row:
     label = "diffusers eager" if compile_budget_s is None else "diffusers compile"
     try:
         parts = models.components(case.model, device=device)
@@ -186,7 +186,7 @@ def diffusers_row(dtype: torch.dtype, case: Case, device: torch.device, flops: O
                         generator=gen, output_type=output_type, **settings)
 
     if compile_budget_s is not None:
-        pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=False)
+        pipe.unet = torch.compile(pipe.unet, mode=compile_mode, fullgraph=False)
         error = _within_budget(lambda: generate(0, embeds, "latent"), compile_budget_s)
         if error is not None:
             return _skipped(label, dtype, case, error)
@@ -242,7 +242,7 @@ def _diffusers_available() -> Optional[str]:
 
 
 def run_bench(device: torch.device, *, steps: Optional[int] = None, runs: Optional[int] = None,
-              compile_budget_s: float = 180.0, secondary: bool = True,
+              compile_budget_s: float = 180.0, compile_mode: str = "max-autotune", secondary: bool = True,
               rows: Optional[set[str]] = None, on_row: Optional[Callable[[dict], None]] = None) -> dict:
     """All rows for `device`; `rows` limits them by name prefix (e.g. {"sdrt", "diffusers eager"}).
     `on_row(result so far)` is called after every row, so a run killed midway still leaves its rows."""
@@ -253,8 +253,10 @@ def run_bench(device: torch.device, *, steps: Optional[int] = None, runs: Option
     if device.type == "cuda":
         dtype = torch.float16
         main = Case("sd15", 1, 512, steps or 50, runs=runs or 5)
-        extra = [Case("sd15", 4, 512, steps or 50, runs=min(runs or 3, 3), loop_runs=2),
-                 Case("sd21", 1, 768, steps or 50, runs=min(runs or 3, 3), loop_runs=2)] if secondary else []
+        # secondary rows at 20 steps, 2 runs: it/s per step is what they report, and at 50 steps and 3 runs
+        # they alone took about 3 minutes of an H100 (estimated), more than the suite's bench step can spare
+        extra = [Case("sd15", 4, 512, steps or 20, runs=min(runs or 2, 2), loop_runs=1),
+                 Case("sd21", 1, 768, steps or 20, runs=min(runs or 2, 2), loop_runs=1)] if secondary else []
     else:
         dtype = torch.float32
         main = Case("tiny", 1, 16, steps or 10, runs=runs or 5)
@@ -271,7 +273,8 @@ def run_bench(device: torch.device, *, steps: Optional[int] = None, runs: Option
         plan.append(("diffusers eager", lambda c=case: diffusers_row(dtype, c, device, flops[id(c)])))
     if device.type == "cuda":
         plan.append(("diffusers compile", lambda: diffusers_row(dtype, main, device, flops[id(main)],
-                                                                compile_budget_s=compile_budget_s)))
+                                                                compile_budget_s=compile_budget_s,
+                                                                compile_mode=compile_mode)))
     for name, make in plan:
         if not want(name):
             continue

@@ -10,6 +10,7 @@ from pathlib import Path
 
 HELP = "benchmark sdrt against diffusers on the same random-weight model (table, JSON, PNG)"
 ROW_NAMES = ("sdrt torch", "sdrt triton", "diffusers eager", "diffusers compile")
+COMPILE_MODES = ("max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead", "default")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=None, help="timed end-to-end runs per main row (default 5)")
     p.add_argument("--compile-budget", type=float, default=180.0,
                    help="seconds allowed for torch.compile's first call before that row is skipped (default 180)")
+    p.add_argument("--compile-mode", default="max-autotune", choices=COMPILE_MODES,
+                   help="torch.compile mode of the diffusers compile row (default max-autotune)")
     p.add_argument("--no-secondary", action="store_true", help="skip the batch-4 and SD 2.1 rows")
     p.add_argument("--rows", action="append", choices=ROW_NAMES, default=None, help="only these rows (repeatable)")
 
@@ -34,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     stamp = report.new_stamp()
     result = side_by_side.run_bench(device, steps=args.steps, runs=args.runs, compile_budget_s=args.compile_budget,
+                                    compile_mode=args.compile_mode,
                                     secondary=not args.no_secondary,
                                     rows=None if args.rows is None else set(args.rows),
                                     on_row=lambda partial: report.write_json(partial, args.out, stamp))
