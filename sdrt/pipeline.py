@@ -270,13 +270,15 @@ class Pipeline:
         return (check_size("height", native_h if height is None else height, multiple),
                 check_size("width", native_w if width is None else width, multiple))
 
-    @staticmethod
-    def _count_prompts(prompt, prompt_embeds) -> int:
+    def _count_prompts(self, prompt, prompt_embeds) -> int:
         if prompt_embeds is not None:
             if prompt is not None:
                 raise InvalidInputError("pass either prompt or prompt_embeds, not both")
-            if not torch.is_tensor(prompt_embeds) or prompt_embeds.dim() != 3:
-                raise InvalidInputError("prompt_embeds must be a tensor [B, 77, D]")
+            width = self.unet.config.cross_attention_dim
+            if not torch.is_tensor(prompt_embeds) or prompt_embeds.dim() != 3 or prompt_embeds.shape[0] < 1 \
+                    or prompt_embeds.shape[-1] != width:
+                got = list(prompt_embeds.shape) if torch.is_tensor(prompt_embeds) else type(prompt_embeds).__name__
+                raise InvalidInputError(f"prompt_embeds must be a tensor [batch >= 1, 77, {width}], got {got}")
             return prompt_embeds.shape[0]
         if prompt is None:
             raise InvalidInputError("prompt is required (a string or a list of strings), or pass prompt_embeds")
@@ -308,6 +310,9 @@ class Pipeline:
                 raise InvalidInputError(f"negative_prompt must be one string or one per prompt ({n_prompts}), "
                                         f"got {len(negatives)}")
             uncond = self._encode_text(negatives)
+            if uncond.shape[1:] != cond.shape[1:]:
+                raise InvalidInputError(f"prompt_embeds have {cond.shape[1]} tokens but the negative prompt encodes "
+                                        f"to {uncond.shape[1]}: pass negative_prompt_embeds of prompt_embeds' shape")
         uncond = uncond.to(self.device, self.dtype)
         return torch.cat([uncond.repeat_interleave(num_images, dim=0), cond.repeat_interleave(num_images, dim=0)])
 

@@ -50,6 +50,10 @@ def _rgb(w=16, h=16):
     ({"seed": -3}, ["seed"]),
     ({"negative_prompt": ["a", "b"]}, ["negative_prompt"]),
     ({"prompt_embeds": torch.zeros(1, 77, 128)}, ["prompt or prompt_embeds"]),
+    ({"prompt": None, "prompt_embeds": torch.zeros(1, 77, 7)}, ["prompt_embeds", "7"]),
+    ({"prompt": None, "prompt_embeds": torch.zeros(1, 77, 7), "guidance_scale": 1.0}, ["prompt_embeds", "7"]),
+    ({"prompt": None, "prompt_embeds": torch.zeros(0, 77, 128)}, ["prompt_embeds", "batch"]),
+    ({"prompt": None, "prompt_embeds": torch.zeros(1, 10, 128)}, ["negative_prompt_embeds", "10"]),
 ])
 def test_bad_call_arguments_raise_invalid_input(pipe, kwargs, words):
     kwargs = {"prompt": "a cat", "steps": 2, **kwargs}
