@@ -41,17 +41,30 @@ def save_png(image: PIL.Image.Image, path: Union[str, Path], parameters: Mapping
     path = Path(path)
     info = PIL.PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, json.dumps(dict(parameters), ensure_ascii=False))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes the file private (0o600); an image is not
             image.save(f, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except OSError as e:
-        os.unlink(tmp)
+        _remove(tmp)
         raise InvalidInputError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
     except BaseException:
-        os.unlink(tmp)
+        _remove(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _remove(tmp) -> None:
+    if tmp is not None and os.path.exists(tmp):
+        os.unlink(tmp)
 
 
 def read_parameters(path: Union[str, Path]) -> dict:

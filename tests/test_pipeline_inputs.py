@@ -1,6 +1,9 @@
 """Argument checking of `sdrt.load` and `Pipeline.__call__`, image/mask conversion, PNG writing."""
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -123,3 +126,14 @@ def test_png_parameters_round_trip_and_failed_write_leaves_nothing(tmp_path, mon
     with pytest.raises(sdrt.InvalidInputError, match="No space left"):
         save_png(_rgb(), tmp_path / "b.png", params)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_png_gets_the_usual_file_mode_and_a_vanished_folder_is_one_error(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        save_png(_rgb(), tmp_path / "a.png", {})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.png").stat().st_mode) == 0o644  # not mkstemp's private 0o600
+    with pytest.raises(sdrt.InvalidInputError, match="cannot write"):
+        save_png(_rgb(), tmp_path / "gone" / "b.png", {})
