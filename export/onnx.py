@@ -8,6 +8,8 @@ Work happens in `<out>.partial/` beside the target. Each component there is fini
 `<name>.done.json` (file hashes + export settings) exists, so an interrupted export resumes with the
 components it has not finished; once all are done the manifest is written and the folder renamed into
 place. A directory whose manifest is missing, unreadable, or disagrees with its files is never used.
+Processes exporting into the same folder take turns on a lock file beside it (`.<name>.lock`); the
+later one then reuses the finished export.
 
 Exporter: the TorchScript exporter (`dynamo=False`) is the default. On these modules it gives a correct
 graph with dynamic batch/height/width (the U-Net's `interpolate(size=skip.shape[-2:])` stays a dynamic
@@ -21,6 +23,7 @@ latents: 104 ms vs 88 ms), since ONNX Runtime fuses at session creation anyway.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,7 +33,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
 import torch
 
@@ -105,30 +108,14 @@ def export_onnx(components: Components, out_dir: Union[str, Path], *, names: Ite
     if out_dir.exists() and not _is_export_dir(out_dir):
         raise InvalidInputError(f"out_dir {out_dir} exists and is not an sdrt ONNX export; choose another folder")
 
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    staging.mkdir(parents=True, exist_ok=True)
-    contracts = contracts_for(components)
-    entries = {}
-    for name in names:
-        entry = None if force else _finished_component(staging, name, settings)
-        if entry is None:
-            start = time.perf_counter()
-            entry = _export_component(components, contracts[name], staging, settings, external_data_threshold)
-            log.info("exported %s in %.1f s", name, time.perf_counter() - start)
-        else:
-            log.info("resuming: %s already exported in %s", name, staging)
-        entries[name] = entry
-
-    manifest = {"format": MANIFEST_FORMAT, "sdrt_version": sdrt.__version__, "torch_version": torch.__version__,
-                **settings, "vae_scale": vae_scale(components),
-                "configs": {"unet": asdict(components.unet.config), "vae": asdict(components.vae.config),
-                            "text_encoder": asdict(components.text_encoder.config)},
-                "components": entries}
-    for name in names:
-        (staging / f"{name}.done.json").unlink()
-    _write_json_atomic(staging / MANIFEST, manifest)
-    _replace_dir(staging, out_dir)
-    return read_export(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(out_dir.with_name(f".{out_dir.name}.lock")):
+        # another process exporting into out_dir (two first uses of a backend) may have finished it meanwhile
+        existing = None if force else _reusable(out_dir, settings, names)
+        if existing is not None:
+            log.info("reusing the ONNX export in %s", out_dir)
+            return existing
+        return _export_staged(components, out_dir, names, settings, force, external_data_threshold)
 
 
 def read_export(directory: Union[str, Path], verify_hashes: bool = True) -> OnnxExport:
@@ -173,6 +160,44 @@ def file_sha256(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------- steps
+def _export_staged(components: Components, out_dir: Path, names: tuple[str, ...], settings: dict, force: bool,
+                   external_data_threshold: int) -> OnnxExport:
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    contracts = contracts_for(components)
+    entries = {}
+    for name in names:
+        entry = None if force else _finished_component(staging, name, settings)
+        if entry is None:
+            start = time.perf_counter()
+            entry = _export_component(components, contracts[name], staging, settings, external_data_threshold)
+            log.info("exported %s in %.1f s", name, time.perf_counter() - start)
+        else:
+            log.info("resuming: %s already exported in %s", name, staging)
+        entries[name] = entry
+
+    manifest = {"format": MANIFEST_FORMAT, "sdrt_version": sdrt.__version__, "torch_version": torch.__version__,
+                **settings, "vae_scale": vae_scale(components),
+                "configs": {"unet": asdict(components.unet.config), "vae": asdict(components.vae.config),
+                            "text_encoder": asdict(components.text_encoder.config)},
+                "components": entries}
+    for name in names:
+        (staging / f"{name}.done.json").unlink()
+    _write_json_atomic(staging / MANIFEST, manifest)
+    _replace_dir(staging, out_dir)
+    return read_export(out_dir)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """An advisory lock on `path` (created if absent, kept after) for the block; released if the process dies."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def _export_component(components: Components, contract: ExportContract, staging: Path, settings: dict,
                       threshold: int) -> dict:
     import onnx

@@ -230,3 +230,17 @@ def test_cli_export_reports_the_opset_it_used(model_dirs, tmp_path, capsys):
     assert _cli("export", "--model", str(model_dirs / "sd1"), "--out", str(tmp_path / "o"),
                 "--components", "text_encoder", "--exporter", "dynamo") == 0
     assert "opset 18" in capsys.readouterr().out and read_export(tmp_path / "o").manifest["opset"] == 18
+
+
+def test_concurrent_exports_to_one_folder_both_succeed(model_dirs, tmp_path):
+    # two processes on first use of one export folder (e.g. two `sdrt generate --backend onnxruntime`):
+    # the second used to delete the first's staged files and die with a traceback
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "sdrt.cli", "export", "--model", str(model_dirs / "sd1"), "--out",
+            str(tmp_path / "o"), "--components", "text_encoder"]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert [rc for rc, _ in results] == [0, 0], results
+    assert read_export(tmp_path / "o").components == ("text_encoder",)
