@@ -107,6 +107,11 @@ def run(args: argparse.Namespace) -> int:
 
     import sdrt  # torch from here on
     from tqdm import tqdm
+    from sdrt.images import eight_bit
+
+    # files hold pictures in any mode: the image becomes RGB (alpha dropped), the mask 8-bit (L, RGB or RGBA)
+    image = None if image is None else eight_bit(image).convert("RGB")
+    mask = None if mask is None else eight_bit(mask)
 
     pipe = sdrt.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
     with tqdm(total=None, unit="step", disable=not sys.stderr.isatty(), leave=False) as bar:

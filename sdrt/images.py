@@ -35,6 +35,18 @@ def _array_in_unit_range(arr: np.ndarray, name: str, forms: str) -> np.ndarray:
     raise InvalidInputError(f"{name} has dtype {arr.dtype}; expected {forms}")
 
 
+def eight_bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A PIL image as read from a file -> an 8-bit mode: 16-bit grayscale ("I;16*", "I") scaled to "L"
+    (PIL's own convert clips those values at 255, so any 16-bit picture would come out white), a palette
+    image to "RGB" (or "RGBA" when it has transparency); other modes unchanged."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        arr = np.asarray(image).astype(np.float64)
+        return PIL.Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8))
+    if image.mode == "P":
+        return image.convert("RGBA" if "transparency" in image.info else "RGB")
+    return image
+
+
 def image_to_tensor(image: Any) -> torch.Tensor:
     """An input image -> float32 [1, 3, H, W] in [0, 1] on the CPU."""
     if isinstance(image, PIL.Image.Image):

@@ -98,3 +98,26 @@ def test_mask_of_wrong_mode_exits_2(model, tmp_path):
     run = sdrt("generate", "x", "-o", tmp_path / "out.png", "--model", model, "--steps", 2, "--device", "cpu",
                "--image", tmp_path / "in.jpg", "--mask", tmp_path / "mask.webp")
     _assert_refused(run, tmp_path, "mask", "RGBA")
+
+
+@requires_shared_tokenizer
+def test_image_and_mask_files_of_any_mode_are_converted(model, tmp_path):
+    """An RGBA or 16-bit input and a palette or 16-bit mask are read as their pictures, not refused
+    (the CLI user has no image.convert) and not clipped to white."""
+    gray = np.random.default_rng(0).integers(0, 65536, (16, 16)).astype(np.uint16)
+    PIL.Image.fromarray(gray).save(tmp_path / "in16.png")
+    PIL.Image.new("RGBA", (16, 16), (90, 20, 200, 255)).save(tmp_path / "in_rgba.png")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 255
+    PIL.Image.fromarray(mask).convert("P").save(tmp_path / "mask_p.png")
+    PIL.Image.fromarray(mask.astype(np.uint16) * 257).save(tmp_path / "mask16.png")
+    for k, (image, mask_file) in enumerate([("in16.png", "mask_p.png"), ("in_rgba.png", "mask16.png")]):
+        out = tmp_path / f"out{k}.png"
+        run = sdrt("generate", "x", "-o", out, "--model", model, "--steps", 2, "--device", "cpu", "--seed", 1,
+                   "--image", tmp_path / image, "--mask", tmp_path / mask_file, "--strength", 0.5)
+        assert run.returncode == 0, run.stderr
+        # inpainting keeps the input outside the mask: the left half is the input picture, unclipped
+        written = np.asarray(PIL.Image.open(out).convert("RGB"))[:, :8].astype(int)
+        expected = np.asarray(PIL.Image.open(tmp_path / image).convert("RGB") if image.endswith("rgba.png")
+                              else PIL.Image.fromarray(np.round(gray / 257).astype(np.uint8)).convert("RGB"))[:, :8]
+        assert np.abs(written - expected).max() <= 1

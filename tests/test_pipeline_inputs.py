@@ -12,7 +12,7 @@ import torch
 import sdrt
 from factories import SHARED_TOKENIZER, save_pipeline
 from sdrt.components import BUNDLED_MODEL
-from sdrt.images import image_to_tensor, mask_to_tensor
+from sdrt.images import eight_bit, image_to_tensor, mask_to_tensor
 from sdrt.png import read_parameters, save_png
 
 
@@ -137,3 +137,17 @@ def test_png_gets_the_usual_file_mode_and_a_vanished_folder_is_one_error(tmp_pat
     assert stat.S_IMODE((tmp_path / "a.png").stat().st_mode) == 0o644  # not mkstemp's private 0o600
     with pytest.raises(sdrt.InvalidInputError, match="cannot write"):
         save_png(_rgb(), tmp_path / "gone" / "b.png", {})
+
+
+def test_sixteen_bit_and_palette_pictures_become_eight_bit_without_clipping(tmp_path):
+    gray16 = np.array([[0, 257, 32896], [65535, 1000, 65278]], np.uint16)
+    PIL.Image.fromarray(gray16).save(tmp_path / "g16.png")
+    with PIL.Image.open(tmp_path / "g16.png") as img:
+        assert img.mode.startswith("I")
+        eight = eight_bit(img)
+    assert eight.mode == "L"
+    assert np.asarray(eight).tolist() == [[0, 1, 128], [255, 4, 254]]  # PIL's convert would give 255 for all but 0
+    palette = _rgb().convert("P")
+    assert eight_bit(palette).mode == "RGB"
+    assert np.array_equal(np.asarray(eight_bit(palette)), np.asarray(palette.convert("RGB")))
+    assert eight_bit(_rgb()).mode == "RGB"
