@@ -52,7 +52,8 @@ def image_to_tensor(image: Any) -> torch.Tensor:
     if isinstance(image, PIL.Image.Image):
         if image.mode != "RGB":
             raise InvalidInputError(f"image has PIL mode {image.mode!r}; expected {IMAGE_FORMS} "
-                                    f"(convert it with image.convert('RGB'))")
+                                    f"(convert it with sdrt.images.eight_bit(image).convert('RGB'); "
+                                    f"PIL's own convert clips 16-bit images to white)")
         arr = np.asarray(image).astype(np.float32) / 255.0
     elif isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:

@@ -39,6 +39,7 @@ def _rgb(w=16, h=16):
     ({"strength": 1.5, "image": _rgb()}, ["strength", "[0, 1]"]),
     ({"strength": 0.1, "image": _rgb()}, ["strength"]),  # 0.1 * 2 steps leaves no step
     ({"image": _rgb().convert("RGBA")}, ["image", "RGBA"]),
+    ({"image": PIL.Image.fromarray(np.full((16, 16), 40000, np.uint16))}, ["image", "I;16", "eight_bit"]),
     ({"image": _rgb(20, 16)}, ["image width"]),
     ({"image": _rgb(), "height": 32}, ["height=32"]),
     ({"image": np.zeros((16, 16, 4), np.uint8)}, ["image array"]),
