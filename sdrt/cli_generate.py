@@ -86,11 +86,13 @@ def output_paths(output: str, num: int) -> list[Path]:
 
 
 def _open_image(path: Path, name: str):
+    """The picture as viewers show it: a camera's EXIF orientation applied (as diffusers' load_image does)."""
     import PIL.Image
+    import PIL.ImageOps
     try:
         with PIL.Image.open(path) as img:
             img.load()
-            return img
+            return PIL.ImageOps.exif_transpose(img)
     except FileNotFoundError:
         raise InvalidInputError(f"--{name} {str(path)!r}: no such file") from None
     except (OSError, PIL.Image.DecompressionBombError) as e:

@@ -121,3 +121,15 @@ def test_image_and_mask_files_of_any_mode_are_converted(model, tmp_path):
         expected = np.asarray(PIL.Image.open(tmp_path / image).convert("RGB") if image.endswith("rgba.png")
                               else PIL.Image.fromarray(np.round(gray / 257).astype(np.uint8)).convert("RGB"))[:, :8]
         assert np.abs(written - expected).max() <= 1
+
+
+@requires_shared_tokenizer
+def test_image_file_is_read_upright_by_its_exif_orientation(model, tmp_path):
+    """A camera JPEG stored sideways with an EXIF orientation tag is the picture its viewers show."""
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    PIL.Image.new("RGB", (24, 16), (90, 20, 200)).save(tmp_path / "photo.jpg", exif=exif)
+    run = sdrt("generate", "x", "-o", tmp_path / "out.png", "--model", model, "--steps", 2, "--device", "cpu",
+               "--image", tmp_path / "photo.jpg", "--strength", 0.5)
+    assert run.returncode == 0, run.stderr
+    assert PIL.Image.open(tmp_path / "out.png").size == (16, 24)
