@@ -82,6 +82,8 @@ def output_paths(output: str, num: int) -> list[Path]:
     path = Path(output)
     if num == 1:
         return [check_writable(path)]
+    if path.suffix.lower() != ".png":  # said of the path given, not of the first numbered name made from it
+        raise InvalidInputError(f"output path must end in .png, got {output!r}")
     return [check_writable(path.with_name(f"{path.stem}-{k}{path.suffix}")) for k in range(1, num + 1)]
 
 

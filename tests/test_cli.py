@@ -84,6 +84,9 @@ def test_bad_arguments_exit_2_before_loading(tmp_path, args, words):
 def test_unwritable_output_exits_2(tmp_path):
     _assert_refused(sdrt("generate", "x", "-o", tmp_path / "missing" / "out.png"), tmp_path, "does not exist")
     _assert_refused(sdrt("generate", "x", "-o", tmp_path / "out.jpg"), tmp_path, ".png")
+    # with --num the message names the path the user gave, not the first numbered name made from it
+    _assert_refused(sdrt("generate", "x", "-o", tmp_path / "out", "--num", "2"), tmp_path, ".png",
+                    f"{tmp_path / 'out'}'")
 
 
 def test_missing_model_exits_2(tmp_path):
