@@ -6,6 +6,7 @@ fails in a fraction of a second instead of after the load.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from sdrt.errors import InvalidInputError
@@ -16,21 +17,25 @@ OUTPUTS = ("pil", "np", "latent")
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # numbers.Real admits numpy scalars too (np.float32(7.5), np.int64(3))
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_size(name: str, value: Any, multiple: int = SIZE_MULTIPLE) -> int:
     """A height or width: an int, a multiple of `multiple`, in [MIN_SIZE, MAX_SIZE]."""
-    if isinstance(value, bool) or not isinstance(value, int) or not MIN_SIZE <= value <= MAX_SIZE \
-            or value % multiple:
+    if not _is_integer(value) or not MIN_SIZE <= value <= MAX_SIZE or value % multiple:
         raise InvalidInputError(f"{name} must be a multiple of {multiple} in [{MIN_SIZE}, {MAX_SIZE}], got {value!r}")
-    return value
+    return int(value)
 
 
 def check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_integer(value) or value < 1:
         raise InvalidInputError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_guidance(value: Any) -> float:

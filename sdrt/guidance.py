@@ -7,6 +7,7 @@ on the conditional batch alone and `combine` passes its output through.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -16,7 +17,7 @@ from sdrt.errors import InvalidInputError
 
 def uses_cfg(guidance_scale: float) -> bool:
     """Whether the unconditional batch is needed (guidance_scale > 1)."""
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
             or not math.isfinite(guidance_scale):
         raise InvalidInputError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     return guidance_scale > 1

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -115,8 +116,9 @@ def make_scheduler(name: Optional[str], config: Mapping[str, Any], eta: float = 
     parsed diffusers `scheduler_config.json`. `eta` is DDIM's noise weight (0 = deterministic); others ignore it."""
     if not isinstance(config, Mapping):
         raise InvalidInputError(f"config must be a dict parsed from scheduler_config.json, got {type(config).__name__}")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
         raise InvalidInputError(f"eta must be a finite number >= 0, got {eta!r}")
+    eta = float(eta)
     if name is None:
         cls_name = config.get("_class_name")
         name = _CLASS_TO_NAME.get(cls_name)
@@ -211,13 +213,13 @@ def _sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
 
 
 def _check_steps(steps: Any, num_train: int) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= num_train:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= num_train:
         raise InvalidInputError(f"steps must be an integer in [1, {num_train}], got {steps!r}")
     return int(steps)
 
 
 def _check_strength(strength: Any) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
         raise InvalidInputError(f"strength must be a number in [0, 1], got {strength!r}")
     return float(strength)
 

@@ -7,6 +7,7 @@ gives the same start on every device; callers move it where it is needed.
 """
 from __future__ import annotations
 
+import numbers
 import random
 from typing import Optional, Sequence, Union
 
@@ -19,9 +20,9 @@ SeedArg = Union[None, int, Sequence[int]]
 
 
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT:
         raise InvalidInputError(f"seed must be an integer in [0, 2**64) or a list of them, got {seed!r}")
-    return seed
+    return int(seed)  # numpy integers too
 
 
 class NoiseSource:
@@ -37,7 +38,7 @@ class NoiseSource:
             self._generators = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
         else:
             self.seeds = [_check_seed(seed)] * batch_size
-            self._generators = [torch.Generator("cpu").manual_seed(seed)]
+            self._generators = [torch.Generator("cpu").manual_seed(self.seeds[0])]
 
     def randn(self, shape: Sequence[int]) -> torch.Tensor:
         """A [B, ...] draw: one randn of the whole shape, or one [1, ...] randn per image's generator."""

@@ -152,3 +152,16 @@ def test_sixteen_bit_and_palette_pictures_become_eight_bit_without_clipping(tmp_
     assert eight_bit(palette).mode == "RGB"
     assert np.array_equal(np.asarray(eight_bit(palette)), np.asarray(palette.convert("RGB")))
     assert eight_bit(_rgb()).mode == "RGB"
+
+
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    """Users compute settings with numpy: np.int64 seeds/steps/sizes and np.float32 scales are plain numbers."""
+    import sdrt
+
+    pipe = sdrt.load()
+    plain = pipe("a red circle on a blue background", steps=3, guidance_scale=5.0, eta=0.5, seed=[3, 4],
+                 num_images=2, height=64, width=64, output="np").images
+    numpy_args = pipe("a red circle on a blue background", steps=np.int64(3), guidance_scale=np.float32(5.0),
+                      eta=np.float64(0.5), seed=list(np.array([3, 4])), num_images=np.int32(2),
+                      height=np.int64(64), width=np.int16(64), output="np").images
+    assert np.array_equal(plain, numpy_args)
