@@ -82,7 +82,7 @@ def unet_tflop_per_step(model: str, case: Case) -> float:
 
     from sdrt.models.unet import UNet
     _, ucfg, vcfg, _ = models.CONFIGS[model]
-    side = case.size // 2 ** (len(vcfg.block_out_channels) - 1)
+    side = case.size // vcfg.downsample_factor
     n = case.batch * (2 if case.guidance > 1 else 1)
     with torch.device("meta"):
         unet = UNet(ucfg)

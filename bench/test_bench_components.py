@@ -48,7 +48,7 @@ def parts():
 
 @pytest.fixture(scope="module")
 def unet_inputs(parts):
-    side = SIZE // 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    side = SIZE // parts.vae.config.downsample_factor
     x = torch.randn(2, 4, side, side, device=DEVICE, dtype=DTYPE)
     ctx = torch.randn(2, 77, parts.unet.config.cross_attention_dim, device=DEVICE, dtype=DTYPE)
     return x, torch.tensor(500, device=DEVICE), ctx

@@ -2,7 +2,7 @@
 sample inputs, output shapes and TensorRT shape profiles.
 
 Sizes in a `ShapeProfile` are image pixels; each contract converts them to its own tensors' sizes
-(latents are `vae_scale` times smaller than images).
+(latents are the VAE's `downsample_factor` times smaller than images).
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ class ExportContract:
 def contracts_for(components: Components) -> dict[str, ExportContract]:
     """The four contracts, sized by this model's configs."""
     ucfg, vcfg, tcfg = components.unet.config, components.vae.config, components.text_encoder.config
-    scale = vae_scale(components)
+    scale = components.vae.config.downsample_factor
     lat = vcfg.latent_channels
 
     def text_inputs(b, h, w):
@@ -153,11 +153,6 @@ def contracts_for(components: Components) -> dict[str, ExportContract]:
             lambda s: {"images": (s["latents"][0], vcfg.out_channels, s["latents"][2] * scale, s["latents"][3] * scale)},
             {}),
     }
-
-
-def vae_scale(components: Components) -> int:
-    """Image pixels per latent pixel: 8 for every SD release, 2 for the tiny test models."""
-    return 2 ** (len(components.vae.config.block_out_channels) - 1)
 
 
 def check_component_names(names) -> tuple[str, ...]:

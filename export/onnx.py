@@ -41,7 +41,7 @@ import sdrt
 from sdrt.components import Components
 from sdrt.errors import BackendUnavailableError, InvalidInputError, ModelLoadError
 from sdrt.export.causal_attention import dtype_preserving_causal_attention
-from sdrt.export.contracts import COMPONENTS, ExportContract, check_component_names, contracts_for, vae_scale
+from sdrt.export.contracts import COMPONENTS, ExportContract, check_component_names, contracts_for
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def _export_staged(components: Components, out_dir: Path, names: tuple[str, ...]
         entries[name] = entry
 
     manifest = {"format": MANIFEST_FORMAT, "sdrt_version": sdrt.__version__, "torch_version": torch.__version__,
-                **settings, "vae_scale": vae_scale(components),
+                **settings, "vae_scale": components.vae.config.downsample_factor,
                 "configs": {"unet": asdict(components.unet.config), "vae": asdict(components.vae.config),
                             "text_encoder": asdict(components.text_encoder.config)},
                 "components": entries}
@@ -210,7 +210,7 @@ def _export_component(components: Components, contract: ExportContract, staging:
     scratch.mkdir()
     module = contract.module(components).eval()
     device = next(module.parameters()).device
-    scale = vae_scale(components)
+    scale = components.vae.config.downsample_factor
     args = tuple(contract.sample_inputs(_TRACE_BATCH, _TRACE_LATENT * scale, _TRACE_LATENT * scale, dtype,
                                         device).values())
     traced = scratch / f"{name}.onnx"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
@@ -15,7 +15,7 @@ from sdrt.models.clip import CLIPTextModel, IGNORED_KEYS as CLIP_IGNORED_KEYS, c
 from sdrt.models.unet import UNet
 from sdrt.models.vae import AutoencoderKL
 from sdrt.tokenizer import CLIPTokenizer
-from sdrt.weights import build_module, find_weights_file, read_tensors
+from sdrt.weights import assign_checked, build_module, find_weights_file, read_tensors
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,9 @@ def _load_single_file(path: Path, dtype, device, tokenizer: Union[str, Path, Non
 
     def build(factory, cfg, prefix, rules):
         with torch.device("meta"):
-            expected = list(factory(cfg).state_dict())
-        sd = sf.convert(expected, tensors, prefix, rules, str(path))
-        return build_module(lambda: factory(cfg), sd, path, dtype, device)
+            module = factory(cfg)
+        sd = sf.convert(list(module.state_dict()), tensors, prefix, rules, str(path))
+        return assign_checked(module, sd, path, dtype, device)
 
     unet = build(UNet, ucfg, sf.UNET_PREFIX, sf.unet_rules(ucfg))
     vae = build(AutoencoderKL, vcfg, sf.VAE_PREFIX, sf.vae_rules(vcfg))

@@ -83,6 +83,11 @@ class VAEConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
 
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel: every level but the last halves the resolution."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
 
 _VAE_REQUIRED = {
     "act_fn": ("silu",),

@@ -85,10 +85,9 @@ def from_components(components: Components, *, backend: str = "torch", device: U
 
 def _assemble(components: Components, backend: str, device: torch.device, dtype: torch.dtype,
               graphed: bool) -> "Pipeline":
-    vae_scale_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
     components = prepare_backend(backend, components, device, dtype)
     log.info("loaded %s on %s/%s with the %s backend", components.source, device, dtype, backend)
-    pipe = Pipeline(components, device=device, dtype=dtype, backend=backend, vae_scale_factor=vae_scale_factor)
+    pipe = Pipeline(components, device=device, dtype=dtype, backend=backend)
     if graphed:
         pipe.denoiser = DenoiseGraphs(GraphCache.for_device(device))
     return pipe
@@ -141,8 +140,7 @@ def _text_list(name: str, value: Union[str, Sequence[str]]) -> list[str]:
 class Pipeline:
     """One loaded model on one backend. Call it to generate; see `sdrt.load`."""
 
-    def __init__(self, components: Components, *, device: torch.device, dtype: torch.dtype, backend: str,
-                 vae_scale_factor: int):
+    def __init__(self, components: Components, *, device: torch.device, dtype: torch.dtype, backend: str):
         self.tokenizer = components.tokenizer
         self.text_encoder = components.text_encoder
         self.unet = components.unet
@@ -150,9 +148,9 @@ class Pipeline:
         self.scheduler_config = dict(components.scheduler_config)
         self.model = components.source
         self.device, self.dtype, self.backend = device, dtype, backend
-        self.vae_scale_factor = vae_scale_factor
-        self.is_inpainting_model = self.unet.config.in_channels == 9
-        side = self.unet.config.sample_size * vae_scale_factor
+        self.vae_scale_factor = self.vae.config.downsample_factor
+        self.is_inpainting_model = components.is_inpainting_unet
+        side = self.unet.config.sample_size * self.vae_scale_factor
         self.native_size = (side, side)  # (height, width) the model was trained at
         # the loop runner: `denoise` itself, or a `DenoiseGraphs` replaying captured loops (same signature)
         self.denoiser: Callable[..., torch.Tensor] = denoise

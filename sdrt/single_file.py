@@ -6,7 +6,6 @@ from tensor shapes, so no YAML config is needed.
 """
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
@@ -15,8 +14,6 @@ import torch
 
 from sdrt.config import CLIPTextConfig, UNetConfig, VAEConfig
 from sdrt.errors import ModelLoadError
-
-log = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

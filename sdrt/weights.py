@@ -7,7 +7,6 @@ one, the key.
 """
 from __future__ import annotations
 
-import logging
 import pickle
 import re
 from pathlib import Path
@@ -17,8 +16,6 @@ import torch
 from torch import nn
 
 from sdrt.errors import ModelLoadError
-
-log = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -81,6 +78,13 @@ def build_module(factory: Callable[[], nn.Module], state_dict: Mapping[str, torc
     """Build `factory()` on meta, check `state_dict` against it key by key, and assign the tensors."""
     with torch.device("meta"):
         module = factory()
+    return assign_checked(module, state_dict, source, dtype, device, ignored_keys)
+
+
+def assign_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: Union[str, Path],
+                   dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
+                   ignored_keys: tuple = ()) -> nn.Module:
+    """Check `state_dict` against the (meta) `module` key by key and shape by shape, then assign it."""
     expected = module.state_dict()
     given = {k: v for k, v in state_dict.items() if not any(k.endswith(i) for i in ignored_keys)}
     missing = [k for k in expected if k not in given]

@@ -14,7 +14,7 @@ from factories import requires_shared_tokenizer, save_pipeline
 from sdrt.components import load_components
 from sdrt.errors import InvalidInputError, ModelLoadError
 from sdrt.export import onnx as onnx_export
-from sdrt.export.contracts import COMPONENTS, contracts_for, vae_scale
+from sdrt.export.contracts import COMPONENTS, contracts_for
 from sdrt.export.onnx import MANIFEST, export_onnx, read_export
 
 onnx = pytest.importorskip("onnx")
@@ -50,7 +50,7 @@ def run_and_compare(components, export, name, cases=CASES, dtype=torch.float32):
     contract = contracts_for(components)[name]
     module = contract.module(components).eval()
     session = ort.InferenceSession(str(export.path(name)), providers=["CPUExecutionProvider"])
-    scale, worst = vae_scale(components), 0.0
+    scale, worst = components.vae.config.downsample_factor, 0.0
     for batch, h, w in cases:
         inputs = contract.sample_inputs(batch, h * scale, w * scale, dtype, seed=batch + h)
         with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 
 from sdrt.components import Components
 from sdrt.errors import BackendUnavailableError
-from sdrt.export.contracts import ShapeProfile, contracts_for, vae_scale
+from sdrt.export.contracts import ShapeProfile, contracts_for
 from sdrt.export.engine_cache import BuildFlags
 from sdrt.export.graph_components import graph_components
 from sdrt.export.onnx import cache_root, default_export_dir, export_onnx
@@ -28,7 +28,7 @@ _PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 
 
 def default_profile(components: Components) -> ShapeProfile:
-    side = components.unet.config.sample_size * vae_scale(components)
+    side = components.unet.config.sample_size * components.vae.config.downsample_factor
     return ShapeProfile(batch=(1, 2, 8), height=(side // 2, side, side * 2), width=(side // 2, side, side * 2))
 
 
@@ -48,7 +48,7 @@ def prepare_engines(components: Components, device: torch.device, dtype: torch.d
         for module in (components.text_encoder, components.unet, components.vae):
             module.float()
     profile = profile or default_profile(components)
-    profile.validate(vae_scale(components))
+    profile.validate(components.vae.config.downsample_factor)
     flags = BuildFlags(precision=_PRECISION[dtype], refit=refit, static=profile.is_static)
     export = export_onnx(components, default_export_dir(components))
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "tensorrt"
