@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Stable Diffusion inference runtime: reference modules, fused Triton kernels, ONNX/TensorRT export, CUDA graphs",
     python_requires=">=3.10",
-    packages=["sdrt", "sdrt.models", "sdrt.backends", "sdrt.tiny", "sdrt.kernels", "sdrt.export", "sdrt.bench"],
+    packages=["sdrt", "sdrt.cli", "sdrt.models", "sdrt.backends", "sdrt.tiny", "sdrt.kernels", "sdrt.export", "sdrt.bench"],
     package_dir={"sdrt.kernels": "kernels", "sdrt.export": "export", "sdrt.bench": "bench"},
     package_data={"sdrt": ["assets/tiny-sd/*.json", "assets/tiny-sd/*/*.json", "assets/tiny-sd/*/*.txt",
                            "assets/tiny-sd/*/*.safetensors", "assets/*.png"]},

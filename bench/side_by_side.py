@@ -29,7 +29,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from sdrt.bench import models
+from sdrt.bench.models import diffusers_pipeline
+from sdrt.models import random_weights
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def unet_tflop_per_step(model: str, case: Case) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from sdrt.models.unet import UNet
-    _, ucfg, vcfg, _ = models.CONFIGS[model]
+    _, ucfg, vcfg, _ = random_weights.CONFIGS[model]
     side = case.size // vcfg.downsample_factor
     n = case.batch * (2 if case.guidance > 1 else 1)
     with torch.device("meta"):
@@ -141,7 +142,7 @@ def sdrt_row(backend: str, dtype: torch.dtype, case: Case, device: torch.device,
     from sdrt.graphs import DenoiseGraphs
     from sdrt.pipeline import from_components
 
-    pipe = from_components(models.components(case.model, device=device), backend=backend, device=device,
+    pipe = from_components(random_weights.components(case.model, device=device), backend=backend, device=device,
                            dtype=dtype, cuda_graphs=cuda_graphs)
     ids = _ids(pipe.tokenizer, case, device)
     settings = dict(steps=case.steps, guidance_scale=case.guidance, height=case.size, width=case.size)
@@ -168,12 +169,12 @@ def diffusers_row(dtype: torch.dtype, case: Case, device: torch.device, flops: O
                   compile_budget_s: Optional[float] = None, compile_mode: str = "max-autotune") -> Row:
     label = "diffusers eager" if compile_budget_s is None else "diffusers compile"
     try:
-        parts = models.components(case.model, device=device)
-        pipe = models.diffusers_pipeline(parts, device, dtype)
+        parts = random_weights.components(case.model, device=device)
+        pipe = diffusers_pipeline(parts, device, dtype)
     except ImportError as e:
         return _skipped(label, dtype, case, f"diffusers is not importable ({e})")
     del parts
-    ids = _ids(models.byte_tokenizer(), case, device)
+    ids = _ids(random_weights.byte_tokenizer(), case, device)
     with torch.inference_mode():
         embeds = pipe.text_encoder(ids)[0]
     settings = dict(num_inference_steps=case.steps, guidance_scale=case.guidance, height=case.size, width=case.size)

@@ -15,7 +15,7 @@ import copy
 import pytest
 import torch
 
-from sdrt.bench import models
+from sdrt.models import random_weights
 from sdrt.graphs import CapturedCall
 from sdrt.models.ops import use_kernels
 
@@ -43,7 +43,7 @@ def _bench(benchmark, fn):
 
 @pytest.fixture(scope="module")
 def parts():
-    return models.components(MODEL, device=DEVICE, dtype=DTYPE)
+    return random_weights.components(MODEL, device=DEVICE, dtype=DTYPE)
 
 
 @pytest.fixture(scope="module")

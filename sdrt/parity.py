@@ -41,6 +41,7 @@ from sdrt.backends import BACKENDS
 from sdrt.checks import check_positive_int
 from sdrt.components import Components, load_components
 from sdrt.errors import InvalidInputError
+from sdrt.models import random_weights
 from sdrt.pipeline import Pipeline, _resolve_device, _resolve_dtype, from_components
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ FLOAT32_FLOOR = 1e-4
 COSINE_FLOOR = 1e-6
 PSNR_CAP_DB = 60.0
 DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk")
-RANDOM_PREFIX = "random:"  # "random:tiny" | "random:sd15" | "random:sd21": sdrt.bench.models, built in memory
+RANDOM_PREFIX = "random:"  # "random:tiny" | "random:sd15" | "random:sd21": sdrt.models.random_weights, built in memory
 COMPONENTS = ("text_encoder", "unet", "vae_decode", "image")
 
 
@@ -133,11 +134,11 @@ def _exact_float32() -> Iterator[None]:
 
 def _components(model: Union[str, Path, None], device: torch.device) -> Components:
     if isinstance(model, str) and model.startswith(RANDOM_PREFIX):
-        from sdrt.bench import models
         name = model[len(RANDOM_PREFIX):]
-        if name not in models.MODELS:
-            raise InvalidInputError(f"model={model!r}: random models are {', '.join(RANDOM_PREFIX + m for m in models.MODELS)}")
-        return models.components(name, device=device)
+        if name not in random_weights.MODELS:
+            raise InvalidInputError(f"model={model!r}: random models are "
+                                    f"{', '.join(RANDOM_PREFIX + m for m in random_weights.MODELS)}")
+        return random_weights.components(name, device=device)
     return load_components(model, dtype=torch.float32, device=device)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sdrt
-from sdrt.bench import models
+from sdrt.models import random_weights
 from sdrt.denoise import denoise
 from sdrt.graphs import CapturedCall, DenoiseGraphs, GraphCache
 from sdrt.pipeline import from_components
@@ -98,7 +98,7 @@ def test_capture_refuses_cpu_tensors():
 # -------------------------------------------------------------------------------------- the loop
 @pytest.fixture(scope="module")
 def tiny_unet():
-    parts = models.components("tiny", seed=1)
+    parts = random_weights.components("tiny", seed=1)
     return parts.unet
 
 
@@ -154,7 +154,7 @@ def test_key_names_every_baked_in_setting(tiny_unet):
 # ----------------------------------------------------------------------------------- in the pipeline
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    return from_components(models.components("tiny", seed=2), device="cpu", dtype="float32")
+    return from_components(random_weights.components("tiny", seed=2), device="cpu", dtype="float32")
 
 
 @pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
@@ -191,9 +191,9 @@ def test_warmup_fills_the_cache_for_the_real_call(tiny_pipe):
 
 def test_cuda_graphs_need_cuda():
     with pytest.raises(sdrt.InvalidInputError, match="cuda_graphs"):
-        from_components(models.components("tiny"), device="cpu", cuda_graphs=True)
+        from_components(random_weights.components("tiny"), device="cpu", cuda_graphs=True)
     with pytest.raises(sdrt.InvalidInputError, match="cuda_graphs"):
-        from_components(models.components("tiny"), device="cpu", cuda_graphs="yes")
+        from_components(random_weights.components("tiny"), device="cpu", cuda_graphs="yes")
 
 
 # ------------------------------------------------------------------------------------------ CUDA only

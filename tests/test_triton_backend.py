@@ -13,7 +13,7 @@ import torch
 
 import sdrt
 from sdrt.backends.triton_backend import TritonVAE, prepare_triton
-from sdrt.bench import models
+from sdrt.models import random_weights
 from sdrt.graphs import DenoiseGraphs
 from sdrt.models.ops import TorchKernels
 from sdrt.pipeline import from_components
@@ -27,12 +27,12 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def test_cpu_without_the_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(sdrt.BackendUnavailableError, match="needs CUDA"):
-        prepare_triton(models.components("tiny"), torch.device("cpu"), torch.float32)
+        prepare_triton(random_weights.components("tiny"), torch.device("cpu"), torch.float32)
 
 
 def test_float64_is_refused():
     with pytest.raises(sdrt.InvalidInputError, match="dtype"):
-        prepare_triton(models.components("tiny"), torch.device(DEVICE), torch.float64)
+        prepare_triton(random_weights.components("tiny"), torch.device(DEVICE), torch.float64)
 
 
 class _OverflowingVAE(torch.nn.Module):
@@ -60,8 +60,8 @@ def test_vae_decode_reruns_in_float32_on_overflow():
 
 def test_generation_matches_the_torch_backend():
     settings = dict(prompt="a red cube", steps=1, guidance_scale=1.0, height=8, width=8, seed=0, output="np")
-    ref = from_components(models.components("tiny", seed=4), device=DEVICE, dtype="float32")(**settings)
-    pipe = from_components(models.components("tiny", seed=4), backend="triton", device=DEVICE, dtype="float32")
+    ref = from_components(random_weights.components("tiny", seed=4), device=DEVICE, dtype="float32")(**settings)
+    pipe = from_components(random_weights.components("tiny", seed=4), backend="triton", device=DEVICE, dtype="float32")
     assert pipe.unet.module.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     out = pipe(**settings)
     # fp32 both ways: only the kernels' summation order differs (GroupNorm statistics, softmax sums), about
@@ -74,9 +74,9 @@ def test_generation_matches_the_torch_backend():
 @requires_cuda
 def test_fp16_graphed_generation_on_cuda_stays_near_the_fp32_reference():
     settings = dict(prompt="a red cube", steps=4, height=16, width=16, seed=0, output="np")
-    ref = from_components(models.components("tiny", seed=4), device="cuda", dtype="float32")(**settings)
-    half = from_components(models.components("tiny", seed=4), device="cuda", dtype="float16")(**settings)
-    pipe = from_components(models.components("tiny", seed=4), backend="triton", device="cuda", dtype="float16")
+    ref = from_components(random_weights.components("tiny", seed=4), device="cuda", dtype="float32")(**settings)
+    half = from_components(random_weights.components("tiny", seed=4), device="cuda", dtype="float16")(**settings)
+    pipe = from_components(random_weights.components("tiny", seed=4), backend="triton", device="cuda", dtype="float16")
     assert isinstance(pipe.denoiser, DenoiseGraphs)
     pipe.warmup(16, 16, steps=4)
     out = pipe(**settings)

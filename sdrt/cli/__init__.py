@@ -1,4 +1,4 @@
-"""The `sdrt` command. Each subcommand lives in its own module, registered by one line in SUBCOMMANDS.
+"""The `sdrt` command. Each subcommand is a module of this package, registered by one line in SUBCOMMANDS.
 
 A subcommand module provides:
     HELP: str                                   one line for `sdrt --help`
@@ -22,10 +22,12 @@ from sdrt.errors import SdrtError
 # name -> module providing HELP, add_arguments and run (imported when the parser is built; keep their
 # top level free of torch so `sdrt --help` and argument errors answer at once)
 SUBCOMMANDS = {
-    "generate": "sdrt.cli_generate",
-    "info": "sdrt.cli_info",
-    "check": "sdrt.cli_check",
-    "bench": "sdrt.cli_bench",
+    "generate": "sdrt.cli.generate",
+    "info": "sdrt.cli.info",
+    "export": "sdrt.cli.export",
+    "build": "sdrt.cli.build",
+    "check": "sdrt.cli.check",
+    "bench": "sdrt.cli.bench",
 }
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -49,8 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
-    from sdrt.cli_export import add_export_commands  # export and build register themselves (shared options)
-    add_export_commands(commands)
     return parser
 
 
@@ -70,7 +70,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"sdrt {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-
-
-if __name__ == "__main__":
-    sys.exit(main())
