@@ -58,7 +58,7 @@ def denoise(unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: T
         if condition is not None:
             x = torch.cat([x, condition], dim=1)
         out = unet(x.to(model_dtype), schedule.timesteps[i], context)
-        noise_pred = _guide(out.float(), guidance_scale) if cfg else out.float()
+        noise_pred = combine(out.float(), guidance_scale) if cfg else out.float()
         latents = scheduler.step(noise_pred, i, latents, schedule, noise=step_noise[i], state=state)
         if blend is not None:
             latents = blend(latents, i, scheduler, schedule)
@@ -66,10 +66,3 @@ def denoise(unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: T
             on_step(i)
     return latents
 
-
-def _guide(noise_pred: Tensor, guidance_scale: Union[float, Tensor]) -> Tensor:
-    """CFG combine of an [uncond; cond] batch; a tensor scale takes the same arithmetic as a float."""
-    if not torch.is_tensor(guidance_scale):
-        return combine(noise_pred, guidance_scale)
-    uncond, cond = noise_pred.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)

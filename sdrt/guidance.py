@@ -2,14 +2,14 @@
 
 The CFG batch is laid out as diffusers lays it out: [uncond..., cond...] along dim 0. With
 guidance_scale <= 1 there is no unconditional half at all (diffusers skips it too), so the UNet runs
-on the conditional batch alone and `combine` passes its output through.
+on the conditional batch alone and the loop uses its output as is.
 """
 from __future__ import annotations
 
 import math
 import numbers
+from typing import Union
 
-import torch
 from torch import Tensor
 
 from sdrt.errors import InvalidInputError
@@ -23,15 +23,9 @@ def uses_cfg(guidance_scale: float) -> bool:
     return guidance_scale > 1
 
 
-def cfg_batch(sample: Tensor, guidance_scale: float) -> Tensor:
-    """The UNet input batch: [x, x] under CFG (uncond half first), else x itself."""
-    return torch.cat([sample, sample]) if uses_cfg(guidance_scale) else sample
-
-
-def combine(noise_pred: Tensor, guidance_scale: float) -> Tensor:
-    """uncond + g * (cond - uncond) over a [uncond..., cond...] batch; the batch as is when g <= 1."""
-    if not uses_cfg(guidance_scale):
-        return noise_pred
+def combine(noise_pred: Tensor, guidance_scale: Union[float, Tensor]) -> Tensor:
+    """uncond + g * (cond - uncond) over a [uncond..., cond...] batch. `guidance_scale` may be a 0-d device
+    tensor (a CUDA graph's static input, so a new scale needs no recapture): same arithmetic as a float."""
     if noise_pred.shape[0] % 2:
         raise InvalidInputError(f"noise_pred must hold an [uncond, cond] batch of even size under CFG, "
                                 f"got batch {noise_pred.shape[0]}")

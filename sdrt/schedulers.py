@@ -12,7 +12,7 @@ Interface (the pipeline's loop)::
     state = sched.init_state(x)
     for i in range(start, len(sch.timesteps)):
         out = unet(sched.scale_model_input(x, i, sch), sch.timesteps[i], ctx)   # CFG: sdrt.guidance
-        noise = randn(x.shape, generator=g, dtype=out.dtype) if sched.needs_noise(i, sch) else None
+        noise = randn(x.shape, generator=g, dtype=out.dtype) if sch.noise_steps[i] else None
         x = sched.step(out, i, x, sch, noise=noise, state=state)
 
 Design:
@@ -25,7 +25,7 @@ Design:
   (the previous x0 prediction, and a 0/1 flag that makes the first executed step first order, as diffusers'
   `lower_order_nums` does, also when img2img starts mid-schedule). Every other scheduler's state is None.
 - Noise: stochastic schedulers take their noise as an argument. Draw it with the sample's shape from the
-  pipeline's generator exactly when `needs_noise(i, schedule)` is True; that is where diffusers draws it
+  pipeline's generator exactly when `schedule.noise_steps[i]` is True; that is where diffusers draws it
   (DDIM with eta > 0: every step; DDPM: steps with t > 0; Euler ancestral: every step; LCM: every step but
   the last), so with the same generator the draws match diffusers' `step(..., generator=g)`.
 - Arithmetic runs in the sample's dtype promoted to at least float32 (diffusers upcasts Euler and DPM steps
@@ -59,12 +59,13 @@ import logging
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from sdrt.checks import check_strength
 from sdrt.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,18 @@ class Schedule:
     noised_x0: Tensor              # add_noise at step i: noised_x0[i] * x0 + noised_noise[i] * noise
     noised_noise: Tensor
     tables: Mapping[str, Tensor]   # the scheduler's own step coefficients
+
+
+class RawSchedule(NamedTuple):
+    """What a scheduler's `_build` computes on the CPU in float64; `set_timesteps` moves it into a `Schedule`."""
+
+    timesteps: Tensor
+    noise_steps: Sequence[bool]
+    init_noise_sigma: float
+    input_scale: Optional[Tensor]
+    noised_x0: Tensor
+    noised_noise: Tensor
+    tables: Mapping[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -218,12 +231,6 @@ def _check_steps(steps: Any, num_train: int) -> int:
     return int(steps)
 
 
-def _check_strength(strength: Any) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
-        raise InvalidInputError(f"strength must be a number in [0, 1], got {strength!r}")
-    return float(strength)
-
-
 def _f64(x) -> Tensor:
     return torch.as_tensor(np.asarray(x, dtype=np.float64))
 
@@ -234,7 +241,6 @@ class Scheduler:
 
     name: str
     prediction_type: str
-    order = 1
     _DEFAULTS: Mapping[str, Any] = {}
 
     def __init__(self, name: str, config: Mapping[str, Any], overrides: Mapping[str, Any], eta: float):
@@ -253,16 +259,16 @@ class Scheduler:
     def set_timesteps(self, steps: int, device=None, dtype: torch.dtype = torch.float32,
                       strength: float = 1.0) -> Schedule:
         steps = _check_steps(steps, self.num_train_timesteps)
-        strength = _check_strength(strength)
+        strength = check_strength(strength)
         if dtype not in (torch.float32, torch.float64):
             raise InvalidInputError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        timesteps, noise_steps, init_sigma, input_scale, noised, tables = self._build(steps, strength)
+        raw = self._build(steps, strength)
         to = dict(device=device, dtype=dtype)
-        return Schedule(timesteps=timesteps.to(device), init_noise_sigma=float(init_sigma),
-                        noise_steps=tuple(bool(b) for b in noise_steps),
-                        input_scale=None if input_scale is None else input_scale.to(**to),
-                        noised_x0=noised[0].to(**to), noised_noise=noised[1].to(**to),
-                        tables={k: v.to(**to) for k, v in tables.items()})
+        return Schedule(timesteps=raw.timesteps.to(device), init_noise_sigma=float(raw.init_noise_sigma),
+                        noise_steps=tuple(bool(b) for b in raw.noise_steps),
+                        input_scale=None if raw.input_scale is None else raw.input_scale.to(**to),
+                        noised_x0=raw.noised_x0.to(**to), noised_noise=raw.noised_noise.to(**to),
+                        tables={k: v.to(**to) for k, v in raw.tables.items()})
 
     def scale_model_input(self, sample: Tensor, i: int, schedule: Schedule) -> Tensor:
         if schedule.input_scale is None:
@@ -272,25 +278,22 @@ class Scheduler:
     def init_state(self, sample: Tensor) -> Optional[MultistepState]:
         return None
 
-    def needs_noise(self, i: int, schedule: Schedule) -> bool:
-        return schedule.noise_steps[i]
-
     def add_noise(self, original: Tensor, noise: Tensor, i: int, schedule: Schedule) -> Tensor:
         x = schedule.noised_x0[i] * original + schedule.noised_noise[i] * noise
         return x.to(original.dtype)
 
     def start_index(self, steps: int, strength: float) -> int:
         steps = _check_steps(steps, self.num_train_timesteps)
-        strength = _check_strength(strength)
+        strength = check_strength(strength)
         init_timestep = min(int(steps * strength), steps)
         if init_timestep == 0:
             raise InvalidInputError(f"strength={strength} with steps={steps} leaves no denoising step; "
                                     f"strength must be at least 1/steps = {1 / steps:.4g}")
-        return max(steps - init_timestep, 0) * self.order
+        return max(steps - init_timestep, 0)
 
     def step(self, model_output: Tensor, i: int, sample: Tensor, schedule: Schedule,
              noise: Optional[Tensor] = None, state: Optional[MultistepState] = None) -> Tensor:
-        """x at step i -> x at step i+1. `noise` exactly when `needs_noise(i, schedule)`."""
+        """x at step i -> x at step i+1. `noise` exactly when `schedule.noise_steps[i]`."""
         if schedule.noise_steps[i] != (noise is not None):
             raise InvalidInputError(f"noise must be {'a tensor' if schedule.noise_steps[i] else 'None'} "
                                     f"at step {i} of the {self.name} scheduler")
@@ -300,8 +303,7 @@ class Scheduler:
         return out.to(sample.dtype)
 
     # -- per scheduler
-    def _build(self, steps: int, strength: float):
-        """-> (timesteps, noise_steps, init_noise_sigma, input_scale|None, (noised_x0, noised_noise), tables)"""
+    def _build(self, steps: int, strength: float) -> RawSchedule:
         raise NotImplementedError
 
     def _step(self, m: Tensor, i: int, x: Tensor, t: Mapping[str, Tensor], noise: Optional[Tensor],
@@ -371,7 +373,7 @@ class DDIM(_AlphaScheduler):
             tables.update(eps_x=sqrt_b, eps_m=sqrt_a)
         tables.update(x0_prev=acp_prev.sqrt(), eps_prev=(1 - acp_prev - std**2).sqrt(), std=std)
         noise_steps = [self.eta > 0] * steps
-        return torch.from_numpy(ts), noise_steps, 1.0, None, self._noised(acp_t), tables
+        return RawSchedule(torch.from_numpy(ts), noise_steps, 1.0, None, *self._noised(acp_t), tables)
 
     def _step(self, m, i, x, t, noise, state):
         x0 = self._x0(m, i, x, t)
@@ -401,7 +403,7 @@ class DDPM(_AlphaScheduler):
         tables = _x0_from_alpha(acp_t.sqrt(), (1 - acp_t).sqrt(), self.prediction_type)
         tables.update(c_x0=acp_prev.sqrt() * beta_t / (1 - acp_t),
                       c_x=(1 - beta_t).sqrt() * (1 - acp_prev) / (1 - acp_t), std=std)
-        return torch.from_numpy(ts), ts > 0, 1.0, None, self._noised(acp_t), tables
+        return RawSchedule(torch.from_numpy(ts), ts > 0, 1.0, None, *self._noised(acp_t), tables)
 
     def _step(self, m, i, x, t, noise, state):
         prev = t["c_x0"][i] * self._x0(m, i, x, t) + t["c_x"][i] * x
@@ -441,7 +443,7 @@ class LCM(_AlphaScheduler):
                       c_out=scaled / (scaled**2 + sigma_data**2) ** 0.5,
                       den_prev=acp_prev.sqrt(), noise_prev=(1 - acp_prev).sqrt())
         noise_steps = [j != steps - 1 for j in range(steps)]
-        return torch.from_numpy(ts.astype(np.int64)), noise_steps, 1.0, None, self._noised(acp_t), tables
+        return RawSchedule(torch.from_numpy(ts.astype(np.int64)), noise_steps, 1.0, None, *self._noised(acp_t), tables)
 
     def _step(self, m, i, x, t, noise, state):
         denoised = t["c_out"][i] * self._x0(m, i, x, t) + t["c_skip"][i] * x
@@ -464,7 +466,7 @@ class _SigmaScheduler(Scheduler):
         return _spaced_timesteps(self.spacing, steps, self.num_train_timesteps,
                                  int(self.cfg["steps_offset"])).astype(np.float32)
 
-    def _finish(self, ts: np.ndarray, sigmas32: np.ndarray, noise_steps, extra: dict):
+    def _finish(self, ts: np.ndarray, sigmas32: np.ndarray, noise_steps, extra: dict) -> RawSchedule:
         """sigmas32: float32 [n+1] ending with the final sigma."""
         sig = _f64(sigmas32)
         max_sigma = float(sigmas32.max())
@@ -472,8 +474,8 @@ class _SigmaScheduler(Scheduler):
         s = sig[:-1]
         tables = _x0_from_sigma(s, self.prediction_type)
         tables.update(sigma=s, **extra)
-        noised = (torch.ones_like(s), s)
-        return torch.from_numpy(ts.astype(np.float32)), noise_steps, init, 1 / (s**2 + 1) ** 0.5, noised, tables
+        return RawSchedule(torch.from_numpy(ts.astype(np.float32)), noise_steps, init, 1 / (s**2 + 1) ** 0.5,
+                           torch.ones_like(s), s, tables)
 
     def _derivative(self, m, i, x, t) -> Tensor:
         x0 = t["x0_x"][i] * x + t["x0_m"][i] * m
@@ -600,7 +602,7 @@ class DPMSolverPP2M(Scheduler):
         else:
             x0 = {"x0_x": alpha[:-1], "x0_m": -sigma[:-1]}
         tables = dict(x0, c_x=sigma[1:] / sigma[:-1], c_x0=-a_next * em1, c_d1=c_d1)
-        return torch.from_numpy(ts), [False] * steps, 1.0, None, (alpha[:-1], sigma[:-1]), tables
+        return RawSchedule(torch.from_numpy(ts), [False] * steps, 1.0, None, alpha[:-1], sigma[:-1], tables)
 
     def _step(self, m, i, x, t, noise, state):
         if state is None:

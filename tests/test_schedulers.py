@@ -2,7 +2,7 @@
 
 Every trajectory runs in float64 with a deterministic fake model (a smooth function of the sample and the
 timestep) driving both sdrt and diffusers; stochastic steps draw from two CPU generators with the same
-seed, sdrt where `needs_noise` says, diffusers inside its own `step(..., generator=g)`, so the draw order is
+seed, sdrt where `Schedule.noise_steps` says, diffusers inside its own `step(..., generator=g)`, so the draw order is
 tested too. Tolerance: every intermediate sample within 1e-5 of diffusers', relative to the sample's max
 magnitude (the remaining ~1e-7 difference is diffusers' float32 coefficient tables and float32 casts).
 """
@@ -21,7 +21,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
     StableDiffusionImg2ImgPipeline)
 
 from sdrt.errors import InvalidInputError  # noqa: E402
-from sdrt.guidance import cfg_batch, combine, uses_cfg  # noqa: E402
+from sdrt.guidance import combine, uses_cfg  # noqa: E402
 from sdrt.schedulers import SCHEDULER_NAMES, make_scheduler, normalize_name  # noqa: E402
 
 RTOL = 1e-5
@@ -101,7 +101,7 @@ def run_both(case: str, config: dict, steps: int, strength: float = 1.0):
         i = start + k
         m_ours = fake_model(ours.scale_model_input(x_ours, i, sch), sch.timesteps[i])
         m_ref = fake_model(ref.scale_model_input(x_ref, t), t)
-        draw = torch.randn(SHAPE, generator=g_ours, dtype=torch.float64) if ours.needs_noise(i, sch) else None
+        draw = torch.randn(SHAPE, generator=g_ours, dtype=torch.float64) if sch.noise_steps[i] else None
         x_ours = ours.step(m_ours, i, x_ours, sch, noise=draw, state=state)
         x_ref = ref.step(m_ref, t, x_ref, generator=g_ref, **step_kwargs).prev_sample
         assert x_ours.dtype == torch.float64
@@ -220,7 +220,7 @@ def test_steps_are_stateless_and_repeatable(name):
         x, state, g = x0 * sch.init_noise_sigma, sched.init_state(x0), torch.Generator().manual_seed(5)
         for i in range(len(sch.timesteps)):
             m = fake_model(sched.scale_model_input(x, i, sch), sch.timesteps[i]).float()
-            noise = torch.randn(SHAPE, generator=g) if sched.needs_noise(i, sch) else None
+            noise = torch.randn(SHAPE, generator=g) if sch.noise_steps[i] else None
             x = sched.step(m, i, x, sch, noise=noise, state=state)
         return x
 
@@ -241,7 +241,7 @@ def test_half_precision_sample_is_computed_in_float32_and_returned_in_half():
     assert torch.equal(out16, out32.half())
 
 
-def test_noise_argument_must_follow_needs_noise():
+def test_noise_argument_must_follow_noise_steps():
     sched = make_scheduler("euler_a", SD15)
     sch = sched.set_timesteps(5)
     x = torch.zeros(SHAPE)
@@ -263,7 +263,7 @@ def test_whole_loop_captures_in_a_cuda_graph():
         def loop(x, state):
             for i in range(10):
                 m = torch.tanh(sched.scale_model_input(x, i, sch)) * 0.5
-                x = sched.step(m, i, x, sch, noise=noises[i] if sched.needs_noise(i, sch) else None, state=state)
+                x = sched.step(m, i, x, sch, noise=noises[i] if sch.noise_steps[i] else None, state=state)
             return x
 
         eager = loop(x0.clone(), sched.init_state(x0))
@@ -361,14 +361,15 @@ def test_cfg_combine_matches_the_formula():
     torch.testing.assert_close(out, uncond + 7.5 * (cond - uncond), rtol=0, atol=0)
 
 
-def test_cfg_skipped_at_scale_one_or_below():
-    x = torch.randn(2, 4, 3, 3)
+def test_cfg_combine_takes_a_tensor_scale_with_the_same_arithmetic():
+    pred = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(combine(pred, torch.tensor(7.5)), combine(pred, 7.5))
+
+
+def test_cfg_only_above_scale_one():
     for scale in (1.0, 0.5, 0):
         assert not uses_cfg(scale)
-        assert cfg_batch(x, scale) is x
-        assert combine(x, scale) is x
     assert uses_cfg(1.01)
-    assert torch.equal(cfg_batch(x, 7.5), torch.cat([x, x]))
 
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), "7", None])
