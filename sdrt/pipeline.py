@@ -200,25 +200,15 @@ class Pipeline:
                                 num_images, cfg)
         timer.lap("encode_prompt")
 
-        x_noise = None if latents is None else latents.detach().to("cpu", torch.float32)
-        condition = blend = None
-        if init_image is None:
-            x_noise = noise.randn(shape) if x_noise is None else x_noise
-            x = x_noise.to(self.device) * schedule.init_noise_sigma
-        elif mask_px is None:
-            image_latents = self._encode_image(init_image * 2 - 1, noise.img2img_encode_noise(shape))
-            x_noise = noise.randn(shape) if x_noise is None else x_noise
-            x = sched.add_noise(image_latents.expand(shape), x_noise.to(self.device), start, schedule)
-        else:
-            x, condition, blend = self._prepare_inpaint(init_image, mask_px, x_noise, noise, shape, sched, schedule,
-                                                        start, strength, cfg)
-        step_noise = [None if n is None else n.to(self.device) for n in noise.step_noise(schedule.noise_steps, start, shape)]
+        start_state = self._prepare_latents(init_image, mask_px, latents, noise, shape, sched, schedule, start,
+                                            strength, cfg)
         timer.lap("prepare_latents")
 
         total = len(schedule.timesteps) - start
         on_step = None if progress is None else (lambda i: progress(i - start + 1, total))
-        x = self.denoiser(self.unet, sched, schedule, x, context, guidance, start, step_noise, condition=condition,
-                          blend=blend, on_step=on_step)
+        x = self.denoiser(self.unet, sched, schedule, start_state.latents, context, guidance, start,
+                          start_state.step_noise, condition=start_state.condition, blend=start_state.blend,
+                          on_step=on_step)
         if not torch.isfinite(x).all():
             raise NumericalError(f"the final latents hold NaN or inf ({self.backend} backend, {self.dtype}); "
                                  f"try dtype='float32' or another scheduler")
@@ -226,16 +216,8 @@ class Pipeline:
 
         images: Any = x
         if output != "latent":
-            decoded = self.vae.decode((x / self.vae.scaling_factor).to(self.dtype))
-            if not torch.isfinite(decoded).all():
-                raise NumericalError(f"the VAE decoded NaN or inf ({self.backend} backend, {self.dtype}); "
-                                     f"the VAE may overflow in this dtype: try dtype='float32'")
-            pixels = imgs.to_unit_range(decoded)
-            if blend is not None:  # sdrt's addition: the unmasked pixels are exactly the input's
-                pixels = mask_px * pixels + (1 - mask_px) * init_image
-            images = imgs.to_numpy(pixels)
-            if output == "pil":
-                images = imgs.to_pil(images)
+            keep = None if start_state.blend is None else (mask_px, init_image)
+            images = self._decode(x, output, keep)
             timer.lap("decode")
         return GenerationResult(images=images, latents=x, seeds=noise.seeds, timings=timer.finish())
 
@@ -314,6 +296,40 @@ class Pipeline:
         uncond = uncond.to(self.device, self.dtype)
         return torch.cat([uncond.repeat_interleave(num_images, dim=0), cond.repeat_interleave(num_images, dim=0)])
 
+    def _prepare_latents(self, init_image, mask_px, latents, noise: NoiseSource, shape, sched, schedule,
+                         start: int, strength: float, cfg: bool) -> "_StartState":
+        """The loop's start: txt2img noise, img2img's noised image latents, or inpainting's latents with its
+        9-channel condition or 4-channel blend; and every step's noise, drawn in diffusers' order."""
+        x_noise = None if latents is None else latents.detach().to("cpu", torch.float32)
+        condition = blend = None
+        if init_image is None:
+            x_noise = noise.randn(shape) if x_noise is None else x_noise
+            x = x_noise.to(self.device) * schedule.init_noise_sigma
+        elif mask_px is None:
+            image_latents = self._encode_image(init_image * 2 - 1, noise.img2img_encode_noise(shape))
+            x_noise = noise.randn(shape) if x_noise is None else x_noise
+            x = sched.add_noise(image_latents.expand(shape), x_noise.to(self.device), start, schedule)
+        else:
+            x, condition, blend = self._prepare_inpaint(init_image, mask_px, x_noise, noise, shape, sched, schedule,
+                                                        start, strength, cfg)
+        step_noise = [None if n is None else n.to(self.device)
+                      for n in noise.step_noise(schedule.noise_steps, start, shape)]
+        return _StartState(x, step_noise, condition, blend)
+
+    def _decode(self, latents: torch.Tensor, output: str, keep=None):
+        """Final latents -> images as `output` asks. keep: (mask [1,1,H,W], image [1,3,H,W]) whose unmasked
+        pixels are pasted back exactly (4-channel inpainting)."""
+        decoded = self.vae.decode((latents / self.vae.scaling_factor).to(self.dtype))
+        if not torch.isfinite(decoded).all():
+            raise NumericalError(f"the VAE decoded NaN or inf ({self.backend} backend, {self.dtype}); "
+                                 f"the VAE may overflow in this dtype: try dtype='float32'")
+        pixels = imgs.to_unit_range(decoded)
+        if keep is not None:  # sdrt's addition: the unmasked pixels are exactly the input's
+            mask_px, init_image = keep
+            pixels = mask_px * pixels + (1 - mask_px) * init_image
+        images = imgs.to_numpy(pixels)
+        return imgs.to_pil(images) if output == "pil" else images
+
     def _encode_image(self, pixels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """pixels [1, 3, H, W] in [-1, 1]; eps [n, 4, h, w] -> sampled latents [n, 4, h, w] float32, scaled."""
         mean, logvar = self.vae.encode(pixels.to(self.device, self.dtype))
@@ -344,6 +360,16 @@ class Pipeline:
         masked_latents = self._encode_image((init_image * 2 - 1) * (mask_px < 0.5), masked_eps).expand(shape)
         condition = torch.cat([mask_lat, masked_latents], dim=1)
         return x, torch.cat([condition, condition]) if cfg else condition, None
+
+
+@dataclass
+class _StartState:
+    """What the denoising loop starts from."""
+
+    latents: torch.Tensor                     # [B, 4, h, w] float32 at the start index
+    step_noise: list[Optional[torch.Tensor]]  # the noise each step takes, or None
+    condition: Optional[torch.Tensor]         # 9-channel inpainting: [mask, masked-image latents], CFG-batched
+    blend: Optional[LatentBlend]              # 4-channel inpainting: the region kept from the image
 
 
 class _PhaseTimer:
