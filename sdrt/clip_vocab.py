@@ -1,11 +1,12 @@
 """CLIP's BPE vocabulary, shipped with sdrt, so single-file checkpoints need no tokenizer folder.
 
 `sdrt/assets/clip_bpe_merges.txt.gz` (208 KB) holds the first 48,895 lines of `bpe_simple_vocab_16e6.txt.gz`
-as OpenAI's CLIP and OpenCLIP ship it (byte-identical in both; sha256 924691ac288e5440...cd48d6804a in the
-open_clip_torch 3.3.0 wheel on PyPI): a header line, then the 48,894 merges CLIP uses. The later 213k lines,
-which neither reads, are left out; recompressed with `zcat ... | head -n 48895 | gzip -9n`. The data is under
-the MIT license of OpenCLIP (Copyright (c) 2012-2021 Gabriel Ilharco, Mitchell Wortsman, et al.) and of OpenAI's
-CLIP (Copyright (c) 2021 OpenAI).
+as OpenAI's CLIP and OpenCLIP ship it (the same file in the open_clip_torch 3.3.0 and clip-anytorch 2.6.0
+wheels on PyPI, sha256 924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a): a header line, then
+the 48,894 merges CLIP uses. The later 213k lines, which neither reads, are left out; recompressed with
+`zcat bpe_simple_vocab_16e6.txt.gz | head -n 48895 | gzip -9n`. The data is under the MIT licenses of OpenCLIP
+(Copyright (c) 2012-2021 Gabriel Ilharco, Mitchell Wortsman, et al.) and OpenAI's CLIP (Copyright (c) 2021
+OpenAI), reproduced in `sdrt/assets/clip_bpe_merges.LICENSE.txt`.
 
 The 49,408-token vocabulary is derived from the merges as OpenAI's `SimpleTokenizer` derives it: the 256
 byte characters, the same with "</w>", each merge's result in merge order, then <|startoftext|> and
