@@ -8,7 +8,8 @@ setup(
     packages=["sdrt", "sdrt.cli", "sdrt.models", "sdrt.backends", "sdrt.tiny", "sdrt.kernels", "sdrt.export", "sdrt.bench"],
     package_dir={"sdrt.kernels": "kernels", "sdrt.export": "export", "sdrt.bench": "bench"},
     package_data={"sdrt": ["assets/tiny-sd/*.json", "assets/tiny-sd/*/*.json", "assets/tiny-sd/*/*.txt",
-                           "assets/tiny-sd/*/*.safetensors", "assets/*.png"]},
+                           "assets/tiny-sd/*/*.safetensors", "assets/*.png",
+                           "assets/clip_bpe_merges.txt.gz", "assets/clip_bpe_merges.LICENSE.txt"]},
     install_requires=["torch>=2.4", "numpy", "safetensors", "tokenizers", "pillow", "tqdm"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "diffusers", "transformers", "accelerate", "matplotlib"],

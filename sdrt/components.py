@@ -9,12 +9,13 @@ from typing import Union
 import torch
 
 from sdrt import single_file as sf
-from sdrt.config import clip_text_config, read_json, unet_config, vae_config
+from sdrt.clip_vocab import VOCAB_SIZE
+from sdrt.config import CLIPTextConfig, clip_text_config, read_json, unet_config, vae_config
 from sdrt.errors import InvalidInputError, ModelLoadError
 from sdrt.models.clip import CLIPTextModel, IGNORED_KEYS as CLIP_IGNORED_KEYS, checkpoint_state_dict
 from sdrt.models.unet import UNet
 from sdrt.models.vae import AutoencoderKL
-from sdrt.tokenizer import CLIPTokenizer
+from sdrt.tokenizer import EOS_TOKEN, CLIPTokenizer
 from sdrt.weights import assign_checked, build_module, find_weights_file, read_tensors
 
 log = logging.getLogger(__name__)
@@ -45,16 +46,18 @@ class Components:
 
 def load_components(model: Union[str, Path, None], dtype: torch.dtype = torch.float32,
                     device: Union[str, torch.device] = "cpu", tokenizer: Union[str, Path, None] = None) -> Components:
-    """`model`: a diffusers folder, a single-file checkpoint, or None for the bundled tiny model."""
+    """`model`: a diffusers folder, a single-file checkpoint, or None for the bundled tiny model.
+    The tokenizer: the `tokenizer` folder when given, else the model's `tokenizer/` folder (for a single file, one
+    beside it), else CLIP's vocabulary bundled with sdrt, padded as the text encoder's family pads."""
     path = BUNDLED_MODEL if model is None else Path(model).expanduser()
     if path.is_dir():
-        return _load_folder(path, dtype, device)
+        return _load_folder(path, dtype, device, tokenizer)
     if path.is_file():
         return _load_single_file(path, dtype, device, tokenizer)
     raise ModelLoadError(f"model not found: {path} (expected a diffusers folder or a .safetensors checkpoint)")
 
 
-def _load_folder(root: Path, dtype, device) -> Components:
+def _load_folder(root: Path, dtype, device, tokenizer: Union[str, Path, None]) -> Components:
     index = read_json(root / "model_index.json")
     kind = index.get("_class_name")
     if kind not in SUPPORTED_PIPELINES:
@@ -63,7 +66,13 @@ def _load_folder(root: Path, dtype, device) -> Components:
     text_encoder, unet, vae = (load_component(root / name, name, dtype, device)
                                for name in ("text_encoder", "unet", "vae"))
     scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
-    return Components(CLIPTokenizer.from_folder(root / "tokenizer"), text_encoder, unet, vae, scheduler_config, str(root))
+    folder = Path(tokenizer).expanduser() if tokenizer is not None else root / "tokenizer"
+    if folder.is_dir() or tokenizer is not None:
+        tok = CLIPTokenizer.from_folder(folder)
+    else:
+        # OpenCLIP's text encoder (SD 2.x) is the one with exact GELU; OpenAI's CLIP ViT-L (SD 1.x) has quick_gelu
+        tok = _bundled_tokenizer(root, text_encoder.config, openclip=text_encoder.config.hidden_act == "gelu")
+    return Components(tok, text_encoder, unet, vae, scheduler_config, str(root))
 
 
 def load_component(folder: Union[str, Path], name: str, dtype: torch.dtype = torch.float32,
@@ -123,18 +132,32 @@ def _load_single_file(path: Path, dtype, device, tokenizer: Union[str, Path, Non
         # weights cannot tell 2.x-v (768, v-prediction) from 2.x-base (512, epsilon); the v model is the common one
         scheduler_config["prediction_type"] = "v_prediction"
         log.info("%s: SD 2.x single file, assuming v-prediction at 768x768", path)
-    return Components(_single_file_tokenizer(path, tokenizer, openclip), text_encoder, unet, vae, scheduler_config,
-                      str(path))
+    return Components(_single_file_tokenizer(path, tokenizer, text_encoder.config, openclip), text_encoder, unet, vae,
+                      scheduler_config, str(path))
 
 
-def _single_file_tokenizer(path: Path, tokenizer: Union[str, Path, None], openclip: bool) -> CLIPTokenizer:
-    """Single files carry no vocabulary: take it from `tokenizer`, or a `tokenizer/` folder beside the file."""
-    folder = Path(tokenizer) if tokenizer is not None else path.parent / "tokenizer"
+def _single_file_tokenizer(path: Path, tokenizer: Union[str, Path, None], text_config: CLIPTextConfig,
+                           openclip: bool) -> CLIPTokenizer:
+    """Single files carry no vocabulary: take it from `tokenizer`, else a `tokenizer/` folder beside the file
+    that holds one, else the bundled one."""
+    folder = Path(tokenizer).expanduser() if tokenizer is not None else path.parent / "tokenizer"
     if not any((folder / name).is_file() for name in ("vocab.json", "tokenizer.json")):
-        raise ModelLoadError(f"{path}: single-file checkpoints carry no tokenizer; put the CLIP tokenizer's vocab.json "
-                             f"and merges.txt in {folder} or pass tokenizer=<folder>")
+        if tokenizer is None:
+            return _bundled_tokenizer(path, text_config, openclip)
+        raise ModelLoadError(f"tokenizer={tokenizer}: no vocab.json + merges.txt or tokenizer.json in {folder}")
     configured = any((folder / name).is_file() for name in ("tokenizer_config.json", "special_tokens_map.json"))
     if openclip and not configured:
         # a bare vocabulary cannot say which pad token to use; SD 2.x (OpenCLIP) pads with "!"
         return CLIPTokenizer.from_files(folder / "vocab.json", folder / "merges.txt", pad_token="!")
     return CLIPTokenizer.from_folder(folder)
+
+
+def _bundled_tokenizer(model: Path, text_config: CLIPTextConfig, openclip: bool) -> CLIPTokenizer:
+    """CLIP's vocabulary shipped with sdrt, for a model that carries none: SD 2.x pads with "!", SD 1.x with EOS."""
+    if text_config.vocab_size != VOCAB_SIZE:
+        raise ModelLoadError(f"{model}: no tokenizer, and the text encoder's {text_config.vocab_size}-token embedding "
+                             f"does not fit CLIP's {VOCAB_SIZE}-token vocabulary; pass tokenizer=<folder>")
+    pad = "!" if openclip else EOS_TOKEN
+    log.info("%s: no tokenizer folder; using the CLIP vocabulary bundled with sdrt, pad token %r (SD %s)",
+             model, pad, "2.x" if openclip else "1.x")
+    return CLIPTokenizer.bundled(pad_token=pad)

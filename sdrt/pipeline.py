@@ -54,8 +54,9 @@ class GenerationResult:
 def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device: Union[str, torch.device, None] = None,
          dtype: Union[str, torch.dtype, None] = None, tokenizer: Union[str, Path, None] = None,
          cuda_graphs: Optional[bool] = None) -> "Pipeline":
-    """A ready pipeline. `model`: a diffusers folder or a single-file .safetensors checkpoint (its tokenizer
-    from `tokenizer` or a `tokenizer/` folder beside it); None = the bundled tiny model.
+    """A ready pipeline. `model`: a diffusers folder or a single-file .safetensors checkpoint; None = the bundled
+    tiny model. The tokenizer: the `tokenizer` folder, else the model's `tokenizer/` (for a single file, one beside
+    it), else CLIP's vocabulary bundled with sdrt, with SD 1.x's or SD 2.x's pad token.
     device: "cpu" | "cuda" | "cuda:N" (default cuda when available); dtype: "float32" | "float16" |
     "bfloat16" (default float16 on cuda, float32 on cpu).
     cuda_graphs: capture the denoising loop in CUDA graphs (see `sdrt.graphs`, `Pipeline.warmup`); default

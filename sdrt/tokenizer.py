@@ -8,6 +8,8 @@ report what it dropped.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from sdrt.clip_vocab import bundled_vocabulary
 from sdrt.config import read_json
 from sdrt.errors import InvalidInputError, ModelLoadError
 
@@ -130,6 +133,17 @@ class CLIPTokenizer:
         self._tokenizer = tok
 
     @classmethod
+    def bundled(cls, pad_token: str = EOS_TOKEN) -> "CLIPTokenizer":
+        """CLIP's vocabulary shipped with sdrt (`sdrt.clip_vocab`), set up as SD releases' tokenizer folders are:
+        pad_token "<|endoftext|>" for SD 1.x (CLIP ViT-L/14), "!" for SD 2.x (OpenCLIP ViT-H/14). The ids are
+        transformers' on those folders. Built once per pad token and process (about 0.15 s), then copied."""
+        if not isinstance(pad_token, str) or pad_token not in bundled_vocabulary()[0]:
+            raise InvalidInputError(f"pad_token must be a token of CLIP's vocabulary, such as {EOS_TOKEN!r} (SD 1.x) "
+                                    f"or '!' (SD 2.x), got {pad_token!r}")
+        # A copy, so callers may change its attributes; the `tokenizers` pipeline inside is shared and never changed.
+        return copy.copy(_bundled_tokenizer(pad_token))
+
+    @classmethod
     def from_files(cls, vocab_file: Union[str, Path], merges_file: Union[str, Path],
                    **kwargs: Any) -> "CLIPTokenizer":
         """vocab.json + merges.txt; keyword arguments as for the constructor."""
@@ -188,3 +202,11 @@ class CLIPTokenizer:
             ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         return ids
 
+
+@functools.lru_cache(maxsize=4)
+def _bundled_tokenizer(pad_token: str) -> CLIPTokenizer:
+    # SD releases' tokenizer configs declare BOS, EOS and UNK as AddedTokens with normalized=true and the pad
+    # token as a plain string; registered in that order, the pad entry's flag wins when it is EOS (SD 1.x).
+    normalized = frozenset({BOS_TOKEN, EOS_TOKEN} - {pad_token})
+    return CLIPTokenizer(*bundled_vocabulary(), pad_token=pad_token, normalized_tokens=normalized,
+                         source="sdrt's bundled CLIP vocabulary")

@@ -5,17 +5,37 @@ multiple of 64 (64-wide heads), and SD 1.x's 8 U-Net heads / SD 2.x's 64-wide U-
 """
 from __future__ import annotations
 
+import functools
+import json
 import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
 import torch
 
-SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "clip-tokenizer"
+from sdrt.clip_vocab import bundled_vocabulary
 
-requires_shared_tokenizer = pytest.mark.skipif(
-    not (SHARED_TOKENIZER / "vocab.json").is_file(),
-    reason=f"the real CLIP vocabulary is not at {SHARED_TOKENIZER} (../shared is missing)")
+# The real CLIP vocabulary (the one bundled with sdrt) as vocab.json/merges.txt, for transformers' CLIPTokenizer.
+# Alive for the whole test session, deleted at exit.
+_VOCABULARY_DIR = tempfile.TemporaryDirectory(prefix="sdrt-clip-vocabulary-")
+
+
+def write_clip_vocabulary(folder: Path) -> Path:
+    """Write sdrt's bundled CLIP vocabulary into `folder` as vocab.json + merges.txt, in the byte format of
+    the Hub's CLIP tokenizer files."""
+    vocab, merges = bundled_vocabulary()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                       encoding="utf-8")
+    return folder
+
+
+@functools.lru_cache(maxsize=1)
+def clip_vocabulary() -> Path:
+    """A folder holding the real CLIP vocabulary.json/merges.txt, written once per test session."""
+    return write_clip_vocabulary(Path(_VOCABULARY_DIR.name))
+
 
 KINDS = ("sd1", "sd2", "inpaint", "inpaint4")
 
@@ -44,7 +64,7 @@ def diffusers_pipeline(kind: str = "sd1", seed: int = 0):
         vocab_size=49408, hidden_size=width, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=width // 64, max_position_embeddings=77,
         hidden_act="gelu" if sd2 else "quick_gelu", projection_dim=width))
-    tokenizer = CLIPTokenizer(str(SHARED_TOKENIZER / "vocab.json"), str(SHARED_TOKENIZER / "merges.txt"),
+    tokenizer = CLIPTokenizer(str(clip_vocabulary() / "vocab.json"), str(clip_vocabulary() / "merges.txt"),
                               pad_token="!" if sd2 else "<|endoftext|>", model_max_length=77)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1,
@@ -62,5 +82,5 @@ def save_pipeline(path: Path, kind: str = "sd1", seed: int = 0):
     pipe.save_pretrained(str(path), safe_serialization=True)
     # transformers 5 writes only tokenizer.json; Hub SD folders carry the vocab.json/merges.txt pair
     for name in ("vocab.json", "merges.txt"):
-        shutil.copy(SHARED_TOKENIZER / name, Path(path) / "tokenizer" / name)
+        shutil.copy(clip_vocabulary() / name, Path(path) / "tokenizer" / name)
     return pipe

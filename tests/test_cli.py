@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from factories import requires_shared_tokenizer, save_pipeline
+from factories import save_pipeline
 from sdrt.png import read_parameters
 
 SDRT = [shutil.which("sdrt") or sys.executable, *([] if shutil.which("sdrt") else ["-m", "sdrt.cli"])]
@@ -41,7 +41,6 @@ def test_info_lists_versions_and_backends():
     assert any(line.split() == ["torch", "yes"] for line in run.stdout.splitlines())
 
 
-@requires_shared_tokenizer
 def test_png_parameters_regenerate_the_same_image(model, tmp_path):
     first = tmp_path / "first.png"
     run = sdrt("generate", "a red cube", "-o", first, "--model", model, "--steps", 2, "--seed", 42,
@@ -94,7 +93,6 @@ def test_missing_model_exits_2(tmp_path):
                     "model not found")
 
 
-@requires_shared_tokenizer
 def test_mask_of_wrong_mode_exits_2(model, tmp_path):
     PIL.Image.new("RGB", (16, 16), (90, 20, 200)).save(tmp_path / "in.jpg")
     PIL.Image.new("RGBA", (16, 16)).save(tmp_path / "mask.webp")
@@ -103,7 +101,6 @@ def test_mask_of_wrong_mode_exits_2(model, tmp_path):
     _assert_refused(run, tmp_path, "mask", "RGBA")
 
 
-@requires_shared_tokenizer
 def test_image_and_mask_files_of_any_mode_are_converted(model, tmp_path):
     """An RGBA or 16-bit input and a palette or 16-bit mask are read as their pictures, not refused
     (the CLI user has no image.convert) and not clipped to white."""
@@ -126,7 +123,6 @@ def test_image_and_mask_files_of_any_mode_are_converted(model, tmp_path):
         assert np.abs(written - expected).max() <= 1
 
 
-@requires_shared_tokenizer
 def test_image_file_is_read_upright_by_its_exif_orientation(model, tmp_path):
     """A camera JPEG stored sideways with an EXIF orientation tag is the picture its viewers show."""
     exif = PIL.Image.Exif()

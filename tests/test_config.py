@@ -9,9 +9,8 @@ import pytest
 import sdrt
 from sdrt.components import load_components
 from sdrt.config import unet_config, vae_config
-from factories import requires_shared_tokenizer, save_pipeline
+from factories import save_pipeline
 
-pytestmark = requires_shared_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from factories import requires_shared_tokenizer, save_pipeline
+from factories import save_pipeline
 from sdrt.components import load_components
 from sdrt.errors import InvalidInputError, ModelLoadError
 from sdrt.export import onnx as onnx_export
@@ -19,7 +19,6 @@ from sdrt.export.onnx import MANIFEST, export_onnx, read_export
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-pytestmark = requires_shared_tokenizer
 
 FP32_TOL = 1e-4
 # (batch, latent height, latent width): the traced size, a second non-square resolution at batch 2, odd sizes

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 import sdrt
-from factories import requires_shared_tokenizer, save_pipeline
+from factories import save_pipeline
 from sdrt.export import onnx as onnx_export
 
 ort = pytest.importorskip("onnxruntime")
-pytestmark = requires_shared_tokenizer
 
 IMAGE_TOL = 2 / 255
 

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import sdrt
-from factories import requires_shared_tokenizer, save_pipeline
+from factories import save_pipeline
 
-pytestmark = requires_shared_tokenizer
 
 LATENT_TOL = 1e-3
 IMAGE_TOL = 2 / 255

@@ -5,22 +5,31 @@ written from the LDM and OpenCLIP layouts (not from sdrt's key table). diffusers
 converters then vouch for it: they map the file back to exactly the folder's tensors. Only then is
 sdrt's loader checked against the folder: identical state dicts (torch.equal) and the same outputs as
 the diffusers pipeline (U-Net and text encoder within 1e-4, VAE within 1e-3, fp32 CPU).
+
+Without a tokenizer folder (a lone file, or a diffusers folder lacking tokenizer/), the bundled CLIP vocabulary
+must give transformers' ids with the family's pad token, and `sdrt generate` the folder model's exact picture.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import sdrt
-from factories import requires_shared_tokenizer, save_pipeline
-from sdrt.components import load_components
+from factories import save_pipeline
+from sdrt.components import BUNDLED_MODEL, load_components
+from sdrt.tokenizer import CLIPTokenizer
 
-pytestmark = requires_shared_tokenizer
 
 UNET_ATOL, VAE_ATOL, TEXT_ATOL = 1e-4, 1e-3, 1e-4
 
@@ -238,15 +247,75 @@ def test_ckpt_loads_through_weights_only(model, tmp_path):
         assert all(torch.equal(got[k], v) for k, v in expected.items()), name
 
 
-def test_single_file_without_tokenizer_is_refused(model, tmp_path):
-    _, _, folder, _, path = model
+# ------------------------------------------------------------------------- models without a tokenizer
+PROMPTS = ["a photo of a cat", "an astronaut riding a horse, wow!!!", "", "café 日本語 😀 (masterpiece:1.2)"]
+
+
+def reference_ids(pipe, prompts=PROMPTS) -> torch.Tensor:
+    return pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def test_single_file_without_tokenizer_uses_bundled_vocabulary(model, tmp_path, caplog):
+    kind, pipe, _, _, path = model
     lonely = tmp_path / "lonely.safetensors"
     shutil.copy(path, lonely)
+    with caplog.at_level(logging.INFO, logger="sdrt.components"):
+        tokenizer = load_components(lonely).tokenizer
+    assert torch.equal(tokenizer(PROMPTS), reference_ids(pipe))
+    assert tokenizer.pad_token_id == (0 if kind == "sd2" else 49407)
+    assert any("vocabulary bundled with sdrt" in r.getMessage() and str(lonely) in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("model", ["sd1"], indirect=True)
+def test_tokenizer_folder_takes_precedence_over_the_bundled_vocabulary(model, tmp_path):
+    _, _, _, _, path = model
+    lonely = tmp_path / "lonely.safetensors"
+    shutil.copy(path, lonely)
+    other = BUNDLED_MODEL / "tokenizer"  # the tiny model's own small vocabulary tells the two apart
+    other_size = CLIPTokenizer.from_folder(other).vocab_size
+    assert other_size != 49408
+    assert load_components(lonely, tokenizer=other).tokenizer.vocab_size == other_size
+    shutil.copytree(other, tmp_path / "tokenizer")
+    assert load_components(lonely).tokenizer.vocab_size == other_size
+    with pytest.raises(sdrt.ModelLoadError, match="tokenizer="):
+        load_components(lonely, tokenizer=tmp_path / "empty")
+
+
+def test_folder_without_tokenizer_uses_bundled_vocabulary(model, tmp_path):
+    kind, pipe, folder, _, _ = model
+    copy = Path(shutil.copytree(folder, tmp_path / "model", ignore=shutil.ignore_patterns("tokenizer")))
+    assert not (copy / "tokenizer").exists()
+    tokenizer = load_components(copy).tokenizer
+    assert torch.equal(tokenizer(PROMPTS), reference_ids(pipe))
+    assert tokenizer.pad_token_id == (0 if kind == "sd2" else 49407)
+
+
+def test_model_without_tokenizer_whose_vocabulary_is_not_clips_is_refused(tmp_path):
+    copy = shutil.copytree(BUNDLED_MODEL, tmp_path / "tiny", ignore=shutil.ignore_patterns("tokenizer"))
     with pytest.raises(sdrt.ModelLoadError) as info:
-        load_components(lonely)
-    assert str(lonely) in str(info.value) and "tokenizer" in str(info.value)
-    # an explicit tokenizer folder is enough
-    assert load_components(lonely, tokenizer=folder / "tokenizer").tokenizer is not None
+        load_components(copy)
+    assert str(copy) in str(info.value) and "49408" in str(info.value) and "tokenizer=" in str(info.value)
+
+
+def _generate(model_path, out) -> np.ndarray:
+    entry_point = Path(sys.executable).with_name("sdrt")
+    entry_point = str(entry_point) if entry_point.is_file() else shutil.which("sdrt")
+    assert entry_point, "the sdrt entry point is not installed (pip install -e .)"
+    run = subprocess.run([entry_point, "generate", "a photo of a cat, wow!", "--model", str(model_path), "-o", str(out),
+                          "--size", "16x16", "--steps", "2", "--seed", "3", "--guidance", "5", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return np.asarray(PIL.Image.open(out))
+
+
+@pytest.mark.parametrize("model", ["sd1", "sd2"], indirect=True)
+def test_generate_single_file_without_tokenizer(model, tmp_path):
+    """`sdrt generate` on a lone .safetensors makes the folder model's picture (whose tokenizer is the real one)."""
+    _, _, folder, _, path = model
+    lonely = tmp_path / "single" / "model.safetensors"
+    lonely.parent.mkdir()
+    shutil.copy(path, lonely)
+    assert np.array_equal(_generate(lonely, tmp_path / "single.png"), _generate(folder, tmp_path / "folder.png"))
 
 
 def test_single_file_missing_tensor_names_key(model, tmp_path):

@@ -1,6 +1,8 @@
 """sdrt's CLIP tokenizer against transformers' CLIPTokenizer on the real CLIP vocabulary.
 
-The reference is `transformers.CLIPTokenizer.from_pretrained(folder)` called with
+The vocabulary is the one bundled with sdrt (`sdrt.clip_vocab`), written out as vocab.json/merges.txt for
+transformers; where ../shared/clip-tokenizer exists (always in CI) it is also checked to be that file pair
+byte for byte. The reference is `transformers.CLIPTokenizer.from_pretrained(folder)` called with
 padding="max_length", truncation=True, max_length=77. transformers >= 5 has no pure-Python "slow"
 CLIP tokenizer any more (CLIPTokenizer is built on `tokenizers`), so ordinary prompts are also
 checked against an independent pure-Python port of OpenAI's simple_tokenizer BPE, with ftfy's
@@ -9,6 +11,8 @@ cleaning left out (ftfy is not installed and transformers >= 5 does not use it).
 Target run time: under 10 s on a 2-core CPU.
 """
 import functools
+import gzip
+import hashlib
 import json
 import logging
 import random
@@ -18,12 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from factories import clip_vocabulary
+from sdrt.clip_vocab import MERGES_FILE, bundled_vocabulary
 from sdrt.errors import InvalidInputError, ModelLoadError
 from sdrt.tokenizer import CLIPTokenizer
 
-VOCAB_DIR = Path(__file__).resolve().parents[2] / "shared" / "clip-tokenizer"
-pytestmark = pytest.mark.skipif(not (VOCAB_DIR / "vocab.json").is_file() or not (VOCAB_DIR / "merges.txt").is_file(),
-                                reason=f"real CLIP vocabulary not found at {VOCAB_DIR} (vocab.json, merges.txt)")
+VOCAB_DIR = clip_vocabulary()
+SHARED_VOCAB_DIR = Path(__file__).resolve().parents[2] / "shared" / "clip-tokenizer"
 
 MAX_LEN = 77
 
@@ -136,6 +141,58 @@ def test_pad_conventions(folders):
     # The pad token "!" is a special token, so every "!" becomes id 0 (not the BPE word "!!!</w>").
     assert toks["sd2"]("wow!!!")[0, :6].tolist() == [49406, 2781, 0, 0, 0, 49407]
     assert toks["sd1"]("wow!!!")[0, :4].tolist() == [49406, 2781, 995, 49407]
+
+
+# ------------------------------------------------------------------------------ bundled vocabulary
+# sha256 of `zcat bpe_simple_vocab_16e6.txt.gz | head -n 48895` (open_clip_torch 3.3.0's file = OpenAI CLIP's)
+BUNDLED_TEXT_SHA256 = "685491abbdad36159d094ecdc23bebc0dd53f8d1df35c4d74ef6036db2ba7572"
+
+
+def test_bundled_file_is_the_upstream_prefix():
+    text = gzip.decompress(MERGES_FILE.read_bytes())
+    assert hashlib.sha256(text).hexdigest() == BUNDLED_TEXT_SHA256
+    assert text.startswith(b'"bpe_simple_vocab_16e6.txt#version: 0.2\ni n\nt h\n')
+
+
+def test_bundled_vocabulary_layout():
+    vocab, merges = bundled_vocabulary()
+    assert len(vocab) == 49408 and sorted(vocab.values()) == list(range(49408))
+    assert len(merges) == 48894 and merges[0] == ("i", "n") and merges[-1] == ("jeky", "ll</w>")
+    assert vocab["!"] == 0 and vocab["!</w>"] == 256 and vocab["in"] == 512 and vocab["jekyll</w>"] == 49405
+    assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+    assert vocab["a</w>"] == 320 and vocab["photo</w>"] == 1125 and vocab["cat</w>"] == 2368
+
+
+def test_bundled_vocabulary_equals_the_shared_files():
+    """The bundled data written out is byte for byte the Hub's vocab.json/merges.txt kept in ../shared."""
+    if not (SHARED_VOCAB_DIR / "vocab.json").is_file():
+        pytest.skip(f"no reference CLIP vocabulary at {SHARED_VOCAB_DIR} (../shared is missing)")
+    for name in ("vocab.json", "merges.txt"):
+        assert (VOCAB_DIR / name).read_bytes() == (SHARED_VOCAB_DIR / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("family,pad", [("sd1", "<|endoftext|>"), ("sd2", "!")])
+def test_bundled_matches_transformers(folders, family, pad):
+    """CLIPTokenizer.bundled(pad_token) = transformers on an SD release's tokenizer folder, special tokens included."""
+    prompts = FIXED + _prompts(220, seed=4321, specials=True)
+    got = CLIPTokenizer.bundled(pad_token=pad)(prompts)
+    expected = _reference(folders[family], prompts)
+    mismatched = [p for p, a, b in zip(prompts, got, expected) if not torch.equal(a, b)]
+    assert not mismatched, f"{len(mismatched)} prompts differ, first: {mismatched[0]!r}"
+
+
+def test_bundled_pad_tokens_and_copies():
+    sd1, sd2 = CLIPTokenizer.bundled(), CLIPTokenizer.bundled(pad_token="!")
+    assert (sd1.pad_token_id, sd2.pad_token_id) == (49407, 0)
+    assert sd1.vocab_size == sd2.vocab_size == 49408 and sd1.model_max_length == 77
+    assert sd1("a cat")[0, :5].tolist() == [49406, 320, 2368, 49407, 49407]
+    assert sd2("a cat")[0, :5].tolist() == [49406, 320, 2368, 49407, 0]
+    # each call gives its own object: changing one leaves the next untouched
+    sd1.model_max_length = 10
+    assert CLIPTokenizer.bundled()("a cat").shape == (1, MAX_LEN)
+    for bad in ("<|pad|>", None, 0):
+        with pytest.raises(InvalidInputError, match="pad_token"):
+            CLIPTokenizer.bundled(pad_token=bad)
 
 
 # --------------------------------------------------------------- independent pure-Python reference

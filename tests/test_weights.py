@@ -9,11 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sdrt
-from factories import requires_shared_tokenizer, save_pipeline
+from factories import save_pipeline
 from sdrt.components import load_component, load_components
 from sdrt.weights import read_tensors
 
-pytestmark = requires_shared_tokenizer
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
