@@ -101,7 +101,7 @@ budget=$((deadline - SECONDS - 75))
 (( budget > 300 )) && budget=300
 step compile $((budget + 75)) cuda $py -m sdrt.cli -v bench --out "$out" --rows "diffusers compile" --no-secondary \
   --compile-budget "$(( budget > 30 ? budget : 30 ))" --compile-mode "${SDRT_COMPILE_MODE:-max-autotune}"
-step kernel-tests 150 "${pytest[@]}" tests/test_kernel_attention.py tests/test_kernel_group_norm.py \
+step kernel-tests 150 "${pytest[@]}" tests/test_kernel_attention.py tests/test_kernel_group_norm.py tests/test_upcast_attention.py \
   --junitxml="$out/kernel-tests.xml"
 step kernels 60 cuda $py -m sdrt.bench.bench_kernels --output-dir "$out"
 step components 60 "${pytest[@]}" bench/test_bench_components.py --benchmark-json="$out/components.json"

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BuildFlags:
     """precision: "fp32" | "fp16" | "bf16" (TensorRT may pick lower-precision kernels, costing accuracy:
-    fp16 ~1e-3 relative, bf16 ~1e-2). refit: weights can be swapped later (LoRA), at some speed cost.
+    fp16 ~1e-3 relative, bf16 ~1e-2; an fp16 engine from an fp16 export keeps the graph's types, see
+    `sdrt.export.tensorrt`). refit: weights can be swapped later (LoRA), at some speed cost.
     static: min == opt == max shapes, which lets the backend capture CUDA graphs."""
     precision: str = "fp16"
     refit: bool = False

@@ -9,7 +9,9 @@ Work happens in `<out>.partial/` beside the target. Each component there is fini
 components it has not finished; once all are done the manifest is written and the folder renamed into
 place. A directory whose manifest is missing, unreadable, or disagrees with its files is never used.
 Processes exporting into the same folder take turns on a lock file beside it (`.<name>.lock`); the
-later one then reuses the finished export.
+later one then reuses the finished export. A finished export is reused only for the same settings and
+the same weights (`sdrt.export.weights_digest`: a sha256 of the configs and every tensor), never on a
+model's name or path: in-memory models share names, and loaded weights can change in place.
 
 Exporter: the TorchScript exporter (`dynamo=False`) is the default. On these modules it gives a correct
 graph with dynamic batch/height/width (the U-Net's `interpolate(size=skip.shape[-2:])` stays a dynamic
@@ -42,6 +44,7 @@ from sdrt.components import Components
 from sdrt.errors import BackendUnavailableError, InvalidInputError, ModelLoadError
 from sdrt.export.causal_attention import dtype_preserving_causal_attention
 from sdrt.export.contracts import COMPONENTS, ExportContract, check_component_names, contracts_for
+from sdrt.export.weights_digest import weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +84,12 @@ class OnnxExport:
         return hashlib.sha256("".join(files[f]["sha256"] for f in sorted(files)).encode()).hexdigest()
 
 
-def export_onnx(components: Components, out_dir: Union[str, Path], *, names: Iterable[str] = COMPONENTS,
-                opset: int = DEFAULT_OPSET, exporter: str = "torchscript", force: bool = False,
-                external_data_threshold: int = PROTOBUF_LIMIT) -> OnnxExport:
-    """Export `names` at the components' dtype (float32 or float16) into `out_dir`; returns the finished
-    export. An existing finished export with the same settings is reused unless `force`."""
+def export_onnx(components: Components, out_dir: Union[str, Path, None] = None, *,
+                names: Iterable[str] = COMPONENTS, opset: int = DEFAULT_OPSET, exporter: str = "torchscript",
+                force: bool = False, external_data_threshold: int = PROTOBUF_LIMIT) -> OnnxExport:
+    """Export `names` at the components' dtype (float32 or float16) into `out_dir` (None: the cache folder
+    `default_export_dir` names); returns the finished export. An existing finished export with the same
+    settings and weights is reused unless `force`."""
     _require_onnx()
     names = check_component_names(names)
     if exporter not in EXPORTERS:
@@ -97,9 +101,9 @@ def export_onnx(components: Components, out_dir: Union[str, Path], *, names: Ite
         log.info("the dynamo exporter needs opset 18 or newer; exporting at opset 18")
         opset = 18
     dtype = _components_dtype(components)
-    settings = {"dtype": _dtype_name(dtype), "opset": opset, "exporter": exporter,
-                "source": components.source, "source_fingerprint": source_fingerprint(components.source)}
-    out_dir = Path(out_dir)
+    digest = weights_digest(components)
+    settings = {"dtype": _dtype_name(dtype), "opset": opset, "exporter": exporter, "weights_sha256": digest}
+    out_dir = default_export_dir(components, digest) if out_dir is None else Path(out_dir)
     if not force:
         existing = _reusable(out_dir, settings, names)
         if existing is not None:
@@ -136,21 +140,6 @@ def read_export(directory: Union[str, Path], verify_hashes: bool = True) -> Onnx
     return OnnxExport(directory, manifest)
 
 
-def source_fingerprint(source: str) -> str:
-    """Cheap identity of a model on disk: path, sizes and mtimes of its config and weight files."""
-    root = Path(source)
-    if root.is_file():
-        files = [root]
-    else:
-        files = sorted(p for sub in ("text_encoder", "unet", "vae") if (root / sub).is_dir()
-                       for p in (root / sub).iterdir() if p.is_file())
-    h = hashlib.sha256(str(root.resolve()).encode())
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()
-
-
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -177,7 +166,7 @@ def _export_staged(components: Components, out_dir: Path, names: tuple[str, ...]
         entries[name] = entry
 
     manifest = {"format": MANIFEST_FORMAT, "sdrt_version": sdrt.__version__, "torch_version": torch.__version__,
-                **settings, "vae_scale": components.vae.config.downsample_factor,
+                **settings, "source": components.source, "vae_scale": components.vae.config.downsample_factor,
                 "configs": {"unet": asdict(components.unet.config), "vae": asdict(components.vae.config),
                             "text_encoder": asdict(components.text_encoder.config)},
                 "components": entries}
@@ -346,11 +335,12 @@ def _require_onnx() -> None:
         raise BackendUnavailableError("ONNX export needs the `onnx` package: pip install 'sdrt[onnx]'") from None
 
 
-def default_export_dir(components: Components) -> Path:
+def default_export_dir(components: Components, digest: Optional[str] = None) -> Path:
     """Where the `onnxruntime` and `tensorrt` backends keep a model's export: under $SDRT_CACHE
-    (default ~/.cache/sdrt), keyed by the model's fingerprint and dtype."""
-    key = source_fingerprint(components.source)[:16]
-    return cache_root() / "onnx" / f"{Path(components.source).name}-{key}-{_dtype_name(_components_dtype(components))}"
+    (default ~/.cache/sdrt), keyed by the weights' digest (`weights_digest`, computed unless given) and dtype."""
+    key = (digest or weights_digest(components))[:16]
+    name = Path(components.source).name.replace(" ", "-") or "model"
+    return cache_root() / "onnx" / f"{name}-{key}-{_dtype_name(_components_dtype(components))}"
 
 
 def cache_root() -> Path:

@@ -2,6 +2,12 @@
 
 Written against the TensorRT 10 API and not yet run on a machine with TensorRT (none available to this
 project); the cache logic it relies on (`engine_cache`) is tested without TensorRT.
+
+Precision. An fp16 engine built from an fp16 export is a strongly typed network: TensorRT computes in
+exactly the graph's types, so the graph's float32 parts (attention scores and softmax of an
+`upcast_attention` U-Net, the timestep embedding) stay float32. Any other combination (fp16 or bf16 from
+a float32 export) is weakly typed: TensorRT picks each layer's precision, the upcast scores included
+(a warning says so for an upcast U-Net; bf16 has fp32's exponent range, so its scores cannot overflow).
 """
 from __future__ import annotations
 
@@ -43,12 +49,14 @@ def _logger():
 
 
 def build_engine(onnx_path: Path, contract: ExportContract, profile: ShapeProfile, flags: BuildFlags,
-                 timing_cache: Optional[Path] = None) -> bytes:
-    """Parse `onnx_path` and build a serialized engine with one optimization profile."""
+                 timing_cache: Optional[Path] = None, strongly_typed: bool = False) -> bytes:
+    """Parse `onnx_path` and build a serialized engine with one optimization profile. strongly_typed: run
+    the graph's own types (no precision flag), see the module docstring."""
     trt = require_tensorrt()
     logger = _logger()
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # resolves external data beside the file
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -56,7 +64,9 @@ def build_engine(onnx_path: Path, contract: ExportContract, profile: ShapeProfil
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, _WORKSPACE_BYTES)
-    if flags.precision == "fp16":
+    if strongly_typed:
+        pass  # the graph's types decide; precision flags are refused for strongly typed networks
+    elif flags.precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
     elif flags.precision == "bf16":
         config.set_flag(trt.BuilderFlag.BF16)
@@ -88,8 +98,14 @@ def load_or_build(export: OnnxExport, contract: ExportContract, profile: ShapePr
     """The engine plan for this export/profile/flags/TensorRT/GPU, built only when the cache lacks it."""
     key = engine_key(export, contract.name, profile, flags)
     timing_cache = Path(cache_dir) / f"timing-{key.tensorrt_version}-{key.gpu_name.replace(' ', '_')}.cache"
+    strongly_typed = flags.precision == "fp16" and export.dtype == torch.float16
+    if (contract.name == "unet" and not strongly_typed and flags.precision != "fp32"
+            and export.manifest["configs"]["unet"].get("upcast_attention")):
+        log.warning("the %s U-Net engine from a %s export lets TensorRT choose the attention scores' precision: "
+                    "upcast_attention's float32 scores are kept only by fp16 engines from an fp16 export",
+                    flags.precision, export.manifest["dtype"])
     return EngineCache(cache_dir).get_or_build(
-        key, lambda: build_engine(export.path(contract.name), contract, profile, flags, timing_cache))
+        key, lambda: build_engine(export.path(contract.name), contract, profile, flags, timing_cache, strongly_typed))
 
 
 class Engine:

@@ -15,9 +15,9 @@ from types import ModuleType
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from sdrt.errors import BackendUnavailableError
+from sdrt.models.ops import TorchKernels
 
 __all__ = ["attention", "group_norm", "TritonKernels", "MAX_KERNEL_HEAD_DIM"]
 
@@ -52,14 +52,21 @@ MAX_KERNEL_HEAD_DIM = 256
 class TritonKernels:
     """The `sdrt.models.ops.Kernels` implementation backed by the Triton kernels.
 
-    Attention heads wider than MAX_KERNEL_HEAD_DIM (the VAE's single 512-wide head) go to torch's
-    scaled_dot_product_attention instead; the U-Net's heads (40..160) all take the kernel.
+    Attention heads wider than MAX_KERNEL_HEAD_DIM (the VAE's single 512-wide head) go to the torch
+    reference (`sdrt.models.ops.TorchKernels`) instead; the U-Net's heads (40..160) all take the kernel.
+
+    upcast (scores and softmax in float32): the kernel always works that way, so it needs no other code
+    path. Its q k^T is a tensor-core dot of fp16/bf16 inputs accumulated in fp32 (each product of two
+    fp16/bf16 numbers is exact in fp32, so that is q.float() @ k.float().T up to summation order), scaled
+    in fp32, and the online softmax keeps its max, exponentials and sums in fp32. Only P is rounded to the
+    input dtype before P V, as diffusers' upcast does (`attention_probs.to(value.dtype)`).
     """
 
     @staticmethod
-    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                  upcast: bool = False) -> torch.Tensor:
         if q.dim() == 4 and q.shape[-1] > MAX_KERNEL_HEAD_DIM:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+            return TorchKernels.attention(q, k, v, scale, upcast)
         return attention(q, k, v, scale)
 
     @staticmethod

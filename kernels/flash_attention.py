@@ -2,7 +2,8 @@
 
 One program per (block of BLOCK_M queries, batch * head). It streams K and V in blocks of BLOCK_N keys
 and keeps an online softmax in fp32 (running max m_i and sum l_i, base-2 exponentials with log2(e)
-folded into the scale). Head dims that are not powers of two (40, 80, 160) are padded to
+folded into the scale). Scores are fp32 dots of the input-dtype q and k (fp16/bf16 products are exact in
+fp32), so the kernel already computes what `upcast_attention` asks for (see sdrt.kernels.TritonKernels). Head dims that are not powers of two (40, 80, 160) are padded to
 BLOCK_D = next_power_of_2(head_dim) with masked loads; the last, partial key block (77 = 64 + 13) is
 masked separately so the full blocks run without a key mask.
 

@@ -50,7 +50,29 @@ def check_strength(value: Any) -> float:
     return float(value)
 
 
+# diffusers' defaults: StableDiffusionImg2ImgPipeline 0.8, StableDiffusionInpaintPipeline 1.0
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}
+
+
+def strength_or_default(value: Any, inpainting: bool) -> float:
+    """`strength` checked; None gives the mode's default (diffusers': img2img 0.8, inpainting 1.0)."""
+    if value is None:
+        return DEFAULT_STRENGTH["inpaint" if inpainting else "img2img"]
+    return check_strength(value)
+
+
 def check_output(value: Any) -> str:
     if value not in OUTPUTS:
         raise InvalidInputError(f"output must be one of {', '.join(OUTPUTS)}, got {value!r}")
+    return value
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def check_prediction_type(value: Any) -> Any:
+    """None (take it from the model) or one of PREDICTION_TYPES."""
+    if value is not None and value not in PREDICTION_TYPES:
+        raise InvalidInputError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)} "
+                                f"(or None: from the model), got {value!r}")
     return value

@@ -1,14 +1,16 @@
 """Load the five parts of a Stable Diffusion model from a diffusers folder or a single-file checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from sdrt import single_file as sf
+from sdrt.checks import check_prediction_type
 from sdrt.clip_vocab import VOCAB_SIZE
 from sdrt.config import CLIPTextConfig, clip_text_config, read_json, unet_config, vae_config
 from sdrt.errors import InvalidInputError, ModelLoadError
@@ -45,15 +47,24 @@ class Components:
 
 
 def load_components(model: Union[str, Path, None], dtype: torch.dtype = torch.float32,
-                    device: Union[str, torch.device] = "cpu", tokenizer: Union[str, Path, None] = None) -> Components:
+                    device: Union[str, torch.device] = "cpu", tokenizer: Union[str, Path, None] = None,
+                    prediction_type: Optional[str] = None) -> Components:
     """`model`: a diffusers folder, a single-file checkpoint, or None for the bundled tiny model.
     The tokenizer: the `tokenizer` folder when given, else the model's `tokenizer/` folder (for a single file, one
-    beside it), else CLIP's vocabulary bundled with sdrt, padded as the text encoder's family pads."""
+    beside it), else CLIP's vocabulary bundled with sdrt, padded as the text encoder's family pads.
+    prediction_type: "epsilon" | "v_prediction" overrides what the model says (a folder's scheduler config)
+    or what is inferred (a single file: see `sdrt.single_file.infer_prediction_type`); None = the model's."""
+    prediction_type = check_prediction_type(prediction_type)
     path = BUNDLED_MODEL if model is None else Path(model).expanduser()
     if path.is_dir():
-        return _load_folder(path, dtype, device, tokenizer)
+        components = _load_folder(path, dtype, device, tokenizer)
+        if prediction_type is not None and components.scheduler_config.get("prediction_type") != prediction_type:
+            log.info("%s: prediction_type %s (the scheduler config says %s)", path, prediction_type,
+                     components.scheduler_config.get("prediction_type", "epsilon"))
+            components.scheduler_config = dict(components.scheduler_config, prediction_type=prediction_type)
+        return components
     if path.is_file():
-        return _load_single_file(path, dtype, device, tokenizer)
+        return _load_single_file(path, dtype, device, tokenizer, prediction_type)
     raise ModelLoadError(f"model not found: {path} (expected a diffusers folder or a .safetensors checkpoint)")
 
 
@@ -109,13 +120,16 @@ _COMPONENTS = {
 }
 
 
-def _load_single_file(path: Path, dtype, device, tokenizer: Union[str, Path, None]) -> Components:
+def _load_single_file(path: Path, dtype, device, tokenizer: Union[str, Path, None],
+                      prediction_type: Optional[str]) -> Components:
     tensors = read_tensors(path)
     if not sf.is_single_file(tensors):
         raise ModelLoadError(f"{path}: not a Stable Diffusion checkpoint (no '{sf.UNET_PREFIX}*' tensors)")
     tensors = sf.normalize_clip_keys(tensors)
     ucfg, vcfg = sf.infer_unet_config(tensors), sf.infer_vae_config(tensors)
     ccfg, openclip = sf.infer_clip_config(tensors)
+    prediction_type = _single_file_prediction_type(path, tensors, openclip, ucfg.in_channels == 9, prediction_type)
+    ucfg = dataclasses.replace(ucfg, sample_size=sf.native_sample_size(openclip, prediction_type))
 
     def build(factory, cfg, prefix, rules):
         with torch.device("meta"):
@@ -127,13 +141,23 @@ def _load_single_file(path: Path, dtype, device, tokenizer: Union[str, Path, Non
     vae = build(AutoencoderKL, vcfg, sf.VAE_PREFIX, sf.vae_rules(vcfg))
     text_encoder = build(CLIPTextModel, ccfg, sf.OPENCLIP_PREFIX if openclip else sf.CLIP_PREFIX,
                          sf.clip_rules(ccfg, openclip))
-    scheduler_config = dict(SD_SCHEDULER_CONFIG)
-    if openclip:
-        # weights cannot tell 2.x-v (768, v-prediction) from 2.x-base (512, epsilon); the v model is the common one
-        scheduler_config["prediction_type"] = "v_prediction"
-        log.info("%s: SD 2.x single file, assuming v-prediction at 768x768", path)
+    scheduler_config = dict(SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
     return Components(_single_file_tokenizer(path, tokenizer, text_encoder.config, openclip), text_encoder, unet, vae,
                       scheduler_config, str(path))
+
+
+def _single_file_prediction_type(path: Path, tensors: dict, sd2: bool, inpainting: bool,
+                                 override: Optional[str]) -> str:
+    if override is not None:
+        log.info("%s: prediction_type %s, as given", path, override)
+        return override
+    found = sf.infer_prediction_type(path, tensors, sd2, inpainting)
+    if found.guessed:
+        log.warning("%s: %s (v-prediction at 768x768); if it is a 512 base (epsilon) model, pass "
+                    "prediction_type='epsilon' (CLI: --prediction-type epsilon)", path, found.evidence)
+    else:
+        log.info("%s: prediction_type %s (from %s)", path, found.value, found.evidence)
+    return found.value
 
 
 def _single_file_tokenizer(path: Path, tokenizer: Union[str, Path, None], text_config: CLIPTextConfig,

@@ -11,10 +11,13 @@
   graph per `DenoiseKey`; a drop-in for `sdrt.denoise.denoise`.
 - `ShapeGraphs`: any tensor function graphed per input shapes (the text encoder, the VAE decoder).
 
-What a replay cannot see: Python values baked in at capture (shapes, the step count, the scheduler and
-eta, which steps take noise, the start index) are in the key; every tensor the loop reads (latents,
-context, guidance scale, step noise, the schedule's tables, the inpainting condition and blend) is a
-static input copied on each call, so a new seed, prompt, guidance scale or strength never recaptures.
+What a replay cannot see is in the key: the shape, dtype and device of every static input (so a
+context of another length or dtype is a new capture, never a refused or silently cast copy) and every
+Python value baked in at capture (the scheduler, its eta and its whole resolved config - prediction type,
+clip range, ... -, the schedule's non-tensor fields, which steps take noise, the start index, guidance
+on/off, the inpainting mode, and which U-Net object runs). Every tensor the loop reads (latents, context,
+guidance scale, step noise, the schedule's tables, the inpainting condition and blend) is a static input
+copied on each call, so a new seed, prompt, guidance scale or strength never recaptures.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import dataclasses
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Optional, Sequence, Union
+from typing import Any, Callable, Hashable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -96,8 +99,10 @@ class CapturedCall:
         if len(inputs) != len(self.static_inputs):
             raise InvalidInputError(f"expected {len(self.static_inputs)} inputs, got {len(inputs)}")
         for static, x in zip(self.static_inputs, inputs):
-            if static.shape != x.shape:
-                raise InvalidInputError(f"a captured call takes shape {list(static.shape)}, got {list(x.shape)}")
+            if static.shape != x.shape or static.dtype != x.dtype or static.device != x.device:
+                # copy_ would cast or move silently: the capture ran on the static buffers' dtype and device
+                raise InvalidInputError(f"a captured call takes shape {list(static.shape)} {static.dtype} on "
+                                        f"{static.device}, got shape {list(x.shape)} {x.dtype} on {x.device}")
             static.copy_(x)
         if self.graph is None:
             out = self.fn(*self.static_inputs)
@@ -168,20 +173,35 @@ class GraphCache:
 
 @dataclass(frozen=True)
 class DenoiseKey:
-    """What a denoising-loop capture bakes in. Sizes are the latents' (pixels / VAE factor)."""
+    """What a denoising-loop capture bakes in (see the module docstring)."""
 
-    batch: int
-    latent_height: int
-    latent_width: int
-    steps: int                      # entries in the schedule
+    inputs: tuple            # (name, shape, dtype, device) of every static input, in the order passed
     scheduler: str
     eta: float
+    scheduler_config: tuple  # the scheduler's resolved config as sorted (key, value) pairs
+    schedule: tuple          # the schedule's non-tensor fields: init_noise_sigma, noise_steps, table names
     cfg: bool
-    dtype: str                      # the U-Net's input dtype
-    start: int                      # first step (img2img / inpainting strength)
-    condition_channels: int         # the 9-channel inpainting U-Net's extra input channels, else 0
-    blend: bool                     # 4-channel inpainting resets the unmasked latents each step
-    layout: tuple                   # noise steps, input-scale presence and table names of the schedule
+    start: int               # first step (img2img / inpainting strength)
+    condition: bool          # 9-channel inpainting: [mask, masked-image latents] appended to the U-Net input
+    blend: bool              # 4-channel inpainting resets the unmasked latents each step
+    unet: int                # id() of the U-Net callable; the capture holds it, so the id is not reused
+
+    def describe(self) -> str:
+        latents = self.inputs[0][1]
+        return (f"latents {list(latents)}, context {list(self.inputs[1][1])} {self.inputs[1][2]}, "
+                f"{self.scheduler} from step {self.start}, cfg {self.cfg}")
+
+
+def _frozen(value: Any) -> Hashable:
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _signature(named: Sequence[tuple[str, Tensor]]) -> tuple:
+    return tuple((name, tuple(t.shape), str(t.dtype).removeprefix("torch."), str(t.device)) for name, t in named)
 
 
 def _schedule_tensors(schedule: Schedule) -> list[Tensor]:
@@ -201,6 +221,19 @@ def _schedule_from(template: Schedule, tensors: Sequence[Tensor]) -> Schedule:
                                noised_noise=noised_noise, tables=tables)
 
 
+def _static_inputs(latents: Tensor, context: Tensor, guidance: Tensor, step_noise: Sequence[Optional[Tensor]],
+                   schedule: Schedule, condition: Optional[Tensor], blend: Optional[LatentBlend]) -> list:
+    """(name, tensor) of every static input of the loop, in the order the loop function takes them."""
+    named = [("latents", latents), ("context", context), ("guidance", guidance),
+             *((f"noise[{i}]", n) for i, n in enumerate(step_noise) if n is not None),
+             *((f"schedule[{j}]", t) for j, t in enumerate(_schedule_tensors(schedule)))]
+    if condition is not None:
+        named.append(("condition", condition))
+    if blend is not None:
+        named += [("blend.mask", blend.mask), ("blend.image_latents", blend.image_latents), ("blend.noise", blend.noise)]
+    return named
+
+
 class DenoiseGraphs:
     """`sdrt.denoise.denoise` with the loop captured once per DenoiseKey and replayed after.
 
@@ -209,28 +242,35 @@ class DenoiseGraphs:
     def __init__(self, cache: GraphCache, capture: bool = True):
         self.cache, self.capture = cache, capture
 
-    def key(self, scheduler: Scheduler, schedule: Schedule, latents: Tensor, context: Tensor, cfg: bool,
-            start: int, condition: Optional[Tensor], blend: Optional[LatentBlend]) -> DenoiseKey:
-        b, _, h, w = latents.shape
-        layout = (schedule.noise_steps, schedule.input_scale is not None, tuple(sorted(schedule.tables)),
-                  str(schedule.timesteps.dtype))
-        return DenoiseKey(batch=b, latent_height=h, latent_width=w, steps=len(schedule.timesteps),
-                          scheduler=scheduler.name, eta=scheduler.eta, cfg=cfg, dtype=str(context.dtype).split(".")[-1],
-                          start=start, condition_channels=0 if condition is None else condition.shape[1],
-                          blend=blend is not None, layout=layout)
+    def key(self, unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: Tensor, context: Tensor,
+            guidance_scale: float, start: int, step_noise: Sequence[Optional[Tensor]], *,
+            condition: Optional[Tensor] = None, blend: Optional[LatentBlend] = None) -> DenoiseKey:
+        """The capture key of a call with these arguments (the same as `__call__`'s)."""
+        guidance = torch.tensor(float(guidance_scale), dtype=torch.float32, device=latents.device)
+        named = _static_inputs(latents, context, guidance, step_noise, schedule, condition, blend)
+        return self._key(unet, scheduler, schedule, named, uses_cfg(guidance_scale), start, condition, blend)
+
+    @staticmethod
+    def _key(unet, scheduler: Scheduler, schedule: Schedule, named: Sequence[tuple[str, Tensor]], cfg: bool,
+             start: int, condition: Optional[Tensor], blend: Optional[LatentBlend]) -> DenoiseKey:
+        return DenoiseKey(inputs=_signature(named), scheduler=scheduler.name, eta=scheduler.eta,
+                          scheduler_config=_frozen(scheduler.cfg),
+                          schedule=(schedule.init_noise_sigma, tuple(schedule.noise_steps),
+                                    schedule.input_scale is not None, tuple(sorted(schedule.tables))),
+                          cfg=cfg, start=start, condition=condition is not None, blend=blend is not None,
+                          unet=id(unet))
 
     def __call__(self, unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: Tensor, context: Tensor,
                  guidance_scale: float, start: int, step_noise: Sequence[Optional[Tensor]], *,
                  condition: Optional[Tensor] = None, blend: Optional[LatentBlend] = None,
                  on_step: Optional[Callable[[int], None]] = None) -> Tensor:
         cfg = uses_cfg(guidance_scale)
-        key = self.key(scheduler, schedule, latents, context, cfg, start, condition, blend)
         noise_at = [i for i, n in enumerate(step_noise) if n is not None]
         guidance = torch.tensor(float(guidance_scale), dtype=torch.float32, device=latents.device)
         sched_tensors = _schedule_tensors(schedule)
-        extra = ([] if condition is None else [condition]) + \
-            ([] if blend is None else [blend.mask, blend.image_latents, blend.noise])
-        inputs = [latents, context, guidance, *(step_noise[i] for i in noise_at), *sched_tensors, *extra]
+        named = _static_inputs(latents, context, guidance, step_noise, schedule, condition, blend)
+        key = self._key(unet, scheduler, schedule, named, cfg, start, condition, blend)
+        inputs = [t for _, t in named]
         n_steps = len(step_noise)
 
         def loop(latents_s: Tensor, context_s: Tensor, guidance_s: Tensor, *rest: Tensor) -> Tensor:
@@ -252,7 +292,7 @@ class DenoiseGraphs:
         return out
 
     def _create(self, loop: Callable[..., Tensor], inputs: list[Tensor], key: DenoiseKey) -> CapturedCall:
-        log.info("capturing the denoising loop for %s", key)
+        log.info("capturing the denoising loop for %s", key.describe())
         return _capture_or_retry(self.cache, lambda: CapturedCall(loop, inputs, capture=self.capture))
 
 

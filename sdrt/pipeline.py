@@ -2,7 +2,8 @@
 
 Seeds, noise order and the math of each mode follow diffusers' StableDiffusionPipeline,
 StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline, so the same seed and settings give the
-same picture on the same weights. Mode: `image` alone = img2img, `image` + `mask` = inpainting.
+same picture on the same weights. Mode: `image` alone = img2img, `image` + `mask` = inpainting; an
+unset `strength` is each diffusers pipeline's default (img2img 0.8, inpainting 1.0).
 
 Where sdrt deliberately differs from diffusers:
 - With an ordinary 4-channel U-Net, inpainting composites the decoded image back onto the input outside
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from sdrt import images as imgs
 from sdrt.backends import BACKENDS, prepare_backend
-from sdrt.checks import check_guidance, check_output, check_positive_int, check_size, check_strength
+from sdrt.checks import check_guidance, check_output, check_positive_int, check_size, strength_or_default
 from sdrt.components import BUNDLED_MODEL, Components, load_components
 from sdrt.denoise import LatentBlend, denoise
 from sdrt.errors import InvalidInputError, ModelLoadError, NumericalError
@@ -53,10 +54,12 @@ class GenerationResult:
 
 def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device: Union[str, torch.device, None] = None,
          dtype: Union[str, torch.dtype, None] = None, tokenizer: Union[str, Path, None] = None,
-         cuda_graphs: Optional[bool] = None) -> "Pipeline":
+         cuda_graphs: Optional[bool] = None, prediction_type: Optional[str] = None) -> "Pipeline":
     """A ready pipeline. `model`: a diffusers folder or a single-file .safetensors checkpoint; None = the bundled
     tiny model. The tokenizer: the `tokenizer` folder, else the model's `tokenizer/` (for a single file, one beside
     it), else CLIP's vocabulary bundled with sdrt, with SD 1.x's or SD 2.x's pad token.
+    prediction_type: "epsilon" | "v_prediction", overriding the model's scheduler config or, for a single
+    file, what is inferred from it (an SD 2.x file that says nothing is assumed 768-v, with a warning).
     device: "cpu" | "cuda" | "cuda:N" (default cuda when available); dtype: "float32" | "float16" |
     "bfloat16" (default float16 on cuda, float32 on cpu).
     cuda_graphs: capture the denoising loop in CUDA graphs (see `sdrt.graphs`, `Pipeline.warmup`); default
@@ -69,7 +72,8 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     if model is None and not BUNDLED_MODEL.is_dir():
         raise ModelLoadError(f"the bundled tiny model is not installed ({BUNDLED_MODEL} is missing); "
                              f"pass model=<diffusers folder or .safetensors checkpoint>")
-    components = load_components(model, dtype=dtype, device=device, tokenizer=tokenizer)
+    components = load_components(model, dtype=dtype, device=device, tokenizer=tokenizer,
+                                 prediction_type=prediction_type)
     return _assemble(components, backend, device, dtype, graphed)
 
 
@@ -163,16 +167,17 @@ class Pipeline:
     def __call__(self, prompt: Union[str, Sequence[str], None] = None, negative_prompt: Union[str, Sequence[str], None] = None,
                  steps: int = 30, guidance_scale: float = 7.5, scheduler: Optional[str] = "ddim", eta: float = 0.0,
                  height: Optional[int] = None, width: Optional[int] = None, num_images: int = 1, seed: SeedArg = None,
-                 image: Any = None, strength: float = 0.8, mask: Any = None, latents: Optional[torch.Tensor] = None,
+                 image: Any = None, strength: Optional[float] = None, mask: Any = None, latents: Optional[torch.Tensor] = None,
                  prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_embeds: Optional[torch.Tensor] = None,
                  output: str = "pil", progress: Optional[Callable[[int, int], None]] = None) -> GenerationResult:
         """Generate images; `progress(done, total)` is called after every denoising step.
-        See the module docstring for the modes and DESIGN.md for the argument contract."""
+        strength: how much of the image to redo, in [0, 1]; None = diffusers' default for the mode
+        (img2img 0.8, inpainting 1.0). See the module docstring for the modes and README.md for the contract."""
         timer = _PhaseTimer(self.device)
         steps = check_positive_int("steps", steps)
         num_images = check_positive_int("num_images", num_images)
         guidance = check_guidance(guidance_scale)
-        strength = check_strength(strength)
+        strength = strength_or_default(strength, inpainting=mask is not None)
         output = check_output(output)
         cfg = uses_cfg(guidance)
         sched = make_scheduler(scheduler, self.scheduler_config, eta)

@@ -3,11 +3,21 @@
 One key table, written as prefix templates from our (diffusers) names to the original names, with
 leaf renames per block kind and the few tensors that need reshaping. The architecture is inferred
 from tensor shapes, so no YAML config is needed.
+
+The prediction type is not in the shapes: an SD 2.x 768-v file and a 512-base file are identical but for
+their values. `infer_prediction_type` reads what the file and its surroundings say, in this order: a
+`.yaml` of the same name beside it (AUTOMATIC1111's convention; LDM's `parameterization: "v"`, absent
+= epsilon), the safetensors header (`modelspec.prediction_type` / `modelspec.architecture`, Stability's
+model spec), a `v_pred` marker tensor (trainers' convention), a `.ckpt`'s `global_step` of 875000 (the SD
+2.0 512-base release; diffusers' rule), and the architecture (SD 1.x and the 9-channel SD 2.x inpainting
+model are epsilon). What remains, a plain SD 2.x file, is assumed 768-v (v-prediction), as diffusers
+does; that guess is flagged so the loader can warn.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -166,7 +176,7 @@ def infer_unet_config(t: Mapping[str, torch.Tensor]) -> UNetConfig:
     # SD 1.x uses 8 heads everywhere; SD 2.x uses 64-wide heads (diffusers' attention_head_dim list)
     heads = tuple(c // 64 for c in channels) if sd2 else 8
     return UNetConfig(
-        sample_size=96 if sd2 else 64, in_channels=conv_in.shape[1], out_channels=_get(t, p + "out.2.weight").shape[0],
+        in_channels=conv_in.shape[1], out_channels=_get(t, p + "out.2.weight").shape[0],
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)),
         block_out_channels=channels, layers_per_block=layers, cross_attention_dim=context_dim,
@@ -217,3 +227,68 @@ def normalize_clip_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         return {(CLIP_PREFIX + "text_model." + k[len(CLIP_PREFIX):] if k.startswith(CLIP_PREFIX) else k): v
                 for k, v in tensors.items()}
     return tensors
+
+
+# ---------------------------------------------------------------------------------- prediction type
+_SD20_BASE_GLOBAL_STEP = 875000  # diffusers' single-file rule for the SD 2.0 512-base (epsilon) release
+_MODELSPEC_PREDICTION = {"v": "v_prediction", "v_prediction": "v_prediction", "v-prediction": "v_prediction",
+                         "epsilon": "epsilon", "eps": "epsilon"}
+_MODELSPEC_ARCHITECTURE = {"stable-diffusion-v2-768-v": "v_prediction", "stable-diffusion-v2-512": "epsilon"}
+
+
+@dataclass(frozen=True)
+class PredictionType:
+    value: str      # "epsilon" | "v_prediction"
+    evidence: str   # what decided it, for the log
+    guessed: bool   # True when nothing in or beside the file said: the loader warns
+
+
+def infer_prediction_type(path: Path, tensors: Mapping[str, torch.Tensor], sd2: bool,
+                          inpainting: bool) -> PredictionType:
+    """The single file's prediction type from the evidence listed in the module docstring."""
+    yaml = path.with_suffix(".yaml")
+    if yaml.is_file():
+        m = re.search(r"^\s*parameterization:\s*[\"']?(\w+)", yaml.read_text(encoding="utf-8", errors="replace"),
+                      re.MULTILINE)
+        found = m.group(1) if m else "eps"
+        return PredictionType("v_prediction" if found == "v" else "epsilon", f"{yaml.name} (parameterization "
+                              f"{found!r})", False)
+    metadata = _safetensors_metadata(path)
+    spec = str(metadata.get("modelspec.prediction_type", "")).lower()
+    if spec in _MODELSPEC_PREDICTION:
+        return PredictionType(_MODELSPEC_PREDICTION[spec], f"modelspec.prediction_type={spec!r}", False)
+    arch = str(metadata.get("modelspec.architecture", "")).lower()
+    if arch in _MODELSPEC_ARCHITECTURE:
+        return PredictionType(_MODELSPEC_ARCHITECTURE[arch], f"modelspec.architecture={arch!r}", False)
+    if "v_pred" in tensors:
+        return PredictionType("v_prediction", "a v_pred marker tensor", False)
+    if not sd2:
+        return PredictionType("epsilon", "SD 1.x", False)
+    if inpainting:
+        return PredictionType("epsilon", "SD 2.x 9-channel inpainting", False)
+    if _ckpt_global_step(path) == _SD20_BASE_GLOBAL_STEP:
+        return PredictionType("epsilon", f"global_step {_SD20_BASE_GLOBAL_STEP} (SD 2.0 512-base)", False)
+    return PredictionType("v_prediction", "nothing in or beside the file says; assumed SD 2.x 768-v", True)
+
+
+def native_sample_size(sd2: bool, prediction_type: str) -> int:
+    """Latent size of the native resolution: SD 2.x v models are 768x768, every other SD release 512x512."""
+    return 96 if sd2 and prediction_type == "v_prediction" else 64
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:  # reads the header only
+        return f.metadata() or {}
+
+
+def _ckpt_global_step(path: Path) -> Optional[int]:
+    """An original .ckpt's training step (beside its state_dict); None for other files."""
+    if path.suffix != ".ckpt":
+        return None
+    data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # memory-mapped: no tensor is read
+    step = data.get("global_step") if isinstance(data, Mapping) else None
+    return int(step) if isinstance(step, int) or (torch.is_tensor(step) and step.numel() == 1) else None

@@ -75,6 +75,7 @@ def _assert_refused(run: subprocess.CompletedProcess, folder, *words: str):
     (["--guidance", "-1"], ["guidance"]),
     (["--strength", "1.5", "--image", "in.png"], ["strength"]),
     (["--steps", "many"], ["steps"]),
+    (["--prediction-type", "v"], ["prediction-type", "epsilon", "v_prediction"]),
 ])
 def test_bad_arguments_exit_2_before_loading(tmp_path, args, words):
     _assert_refused(sdrt("generate", "x", "-o", tmp_path / "out.png", *args), tmp_path, *words)
@@ -132,3 +133,15 @@ def test_image_file_is_read_upright_by_its_exif_orientation(model, tmp_path):
                "--image", tmp_path / "photo.jpg", "--strength", 0.5)
     assert run.returncode == 0, run.stderr
     assert PIL.Image.open(tmp_path / "out.png").size == (16, 24)
+
+
+@requires_shared_tokenizer
+def test_unset_strength_is_the_modes_diffusers_default(model, tmp_path):
+    PIL.Image.new("RGB", (16, 16), (90, 20, 200)).save(tmp_path / "in.png")
+    PIL.Image.new("L", (16, 16), 255).save(tmp_path / "mask.png")
+    for extra, expected in ((["--image", tmp_path / "in.png"], 0.8),
+                            (["--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png"], 1.0)):
+        out = tmp_path / f"out-{expected}.png"
+        run = sdrt("generate", "x", "-o", out, "--model", model, "--steps", 2, "--device", "cpu", "--seed", 1, *extra)
+        assert run.returncode == 0, run.stderr
+        assert read_parameters(out)["strength"] == expected

@@ -13,8 +13,23 @@ def test_check_torch_backend_passes_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "text_encoder" in printed and "image" in printed and printed.strip().endswith("PASS")
+    assert "matmul policy: TF32 off" in printed
     report = json.loads(out.read_text())
-    assert report["passed"] and [r["component"] for r in report["rows"]] == ["text_encoder", "unet", "vae_decode", "image"]
+    assert report["passed"] is True and [r["component"] for r in report["rows"]] == ["text_encoder", "unet",
+                                                                                   "vae_decode", "image"]
+    # a second float32 run, judged against the reference itself: it reproduces it exactly
+    assert report["baseline"] == "the float32 reference" and not report["baseline_only"]
+    assert all(r["backend"]["max_abs"] == 0 and r["baseline"]["max_abs"] == 0 for r in report["rows"])
+
+
+def test_check_torch_backend_in_low_precision_is_baseline_only(tmp_path, capsys):
+    out = tmp_path / "check.json"
+    code = main(["check", "--model", "random:tiny", "--backend", "torch", "--device", "cpu", "--dtype", "bfloat16",
+                 "--steps", "2", "--prompt", "a red cube", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "BASELINE ONLY" in printed and "PASS" not in printed
+    report = json.loads(out.read_text())
+    assert report["baseline_only"] and report["passed"] is None and report["rows"][-1]["baseline"]["max_abs"] > 0
 
 
 def test_check_bad_input_exits_2_with_one_line(capsys):

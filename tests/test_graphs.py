@@ -141,14 +141,39 @@ def test_same_key_reuses_the_capture_with_new_inputs(tiny_unet):
     assert graphs.cache.captures == 5
 
 
-def test_key_names_every_baked_in_setting(tiny_unet):
+def test_key_holds_every_static_input_and_baked_in_setting(tiny_unet):
     graphs = DenoiseGraphs(GraphCache(), capture=False)
-    sched, schedule, latents, context, start, _ = _loop_inputs("ddim", 5, 7.5, 0, batch=2, strength=0.6)
-    key = graphs.key(sched, schedule, latents, context, True, start, None, None)
-    assert (key.batch, key.latent_height, key.latent_width, key.steps, key.scheduler, key.eta, key.cfg,
-            key.dtype, key.start, key.condition_channels, key.blend) == (2, 8, 8, 5, "ddim", 0.0, True,
-                                                                         "float32", 2, 0, False)
-    assert hash(key) == hash(graphs.key(sched, schedule, latents.clone(), context.clone(), True, start, None, None))
+    sched, schedule, latents, context, start, noise = _loop_inputs("ddim", 5, 7.5, 0, batch=2, strength=0.6)
+    args = (sched, schedule, latents, context, 7.5, start, noise)
+    key = graphs.key(tiny_unet, *args)
+    assert key == graphs.key(tiny_unet, sched, schedule, latents.clone(), context.clone(), 3.0, start, noise)
+    signature = {name: (shape, dtype) for name, shape, dtype, _ in key.inputs}
+    assert signature["context"] == ((4, 77, 128), "float32") and signature["latents"] == ((2, 4, 8, 8), "float32")
+    assert (key.scheduler, key.eta, key.cfg, key.start, key.condition, key.blend) == ("ddim", 0.0, True, 2, False,
+                                                                                      False)
+    other_settings = {
+        "context length": graphs.key(tiny_unet, sched, schedule, latents, context[:, :20], 7.5, start, noise),
+        "context dtype": graphs.key(tiny_unet, sched, schedule, latents, context.double(), 7.5, start, noise),
+        "latents dtype": graphs.key(tiny_unet, sched, schedule, latents.double(), context, 7.5, start, noise),
+        "prediction type": graphs.key(tiny_unet, make_scheduler("ddim", dict(SD_SCHEDULER_CONFIG,
+                                                                              prediction_type="v_prediction")),
+                                      *args[1:]),
+        "clip range": graphs.key(tiny_unet, make_scheduler("ddim", dict(SD_SCHEDULER_CONFIG, clip_sample=True,
+                                                                         clip_sample_range=2.0)), *args[1:]),
+        "eta": graphs.key(tiny_unet, make_scheduler("ddim", SD_SCHEDULER_CONFIG, eta=0.5), *args[1:]),
+        "guidance off": graphs.key(tiny_unet, *args[:4], 1.0, *args[5:]),
+        "another U-Net": graphs.key(copy.deepcopy(tiny_unet), *args),
+    }
+    for what, other in other_settings.items():
+        assert other != key, what
+
+
+def test_captured_call_refuses_a_dtype_or_device_it_was_not_made_for():
+    call = CapturedCall(lambda x: x * 2, [torch.ones(3)], capture=False)
+    with pytest.raises(sdrt.InvalidInputError, match="float64"):
+        call(torch.ones(3, dtype=torch.float64))  # copy_ would have cast it silently
+    with pytest.raises(sdrt.InvalidInputError, match="meta"):
+        call(torch.ones(3, device="meta"))
 
 
 # ----------------------------------------------------------------------------------- in the pipeline
@@ -176,6 +201,47 @@ def test_pipeline_with_the_graph_runner_matches_eager(tiny_pipe, mode):
     finally:
         tiny_pipe.denoiser = denoise
     assert torch.equal(graphed.latents, eager.latents)
+
+
+def _outcome(pipe, kwargs):
+    try:
+        return pipe(**kwargs).latents
+    except sdrt.SdrtError as e:
+        return type(e)
+
+
+def test_graph_runner_accepts_and_rejects_exactly_what_the_eager_loop_does(tiny_pipe):
+    """One graph runner across a sequence of calls (so earlier captures are cached when later inputs come):
+    every call gives the eager loop's latents bit for bit, or the same error type."""
+    width = tiny_pipe.unet.config.cross_attention_dim
+    g = torch.Generator().manual_seed(0)
+
+    def embeds(batch, length, dim=width):
+        return torch.randn(batch, length, dim, generator=g)
+
+    cases = [dict(prompt="a red cube"),
+             dict(prompt_embeds=embeds(1, 77), guidance_scale=1.0),
+             dict(prompt_embeds=embeds(1, 20), guidance_scale=1.0),            # another context length
+             dict(prompt_embeds=embeds(1, 20), negative_prompt_embeds=embeds(1, 20)),
+             dict(prompt_embeds=embeds(1, 20)),                                # the "" negative has 77 tokens
+             dict(prompt_embeds=embeds(1, 77, width + 1), guidance_scale=1.0),  # wrong width
+             dict(prompt_embeds=embeds(1, 77).double(), guidance_scale=1.0),   # cast to the model dtype
+             dict(prompt="a red cube", num_images=2)]
+    graphed = DenoiseGraphs(GraphCache(max_entries=16), capture=False)
+    outcomes = []
+    try:
+        for case in cases:
+            settings = dict(steps=2, seed=1, output="latent", **case)
+            tiny_pipe.denoiser = denoise
+            eager = _outcome(tiny_pipe, settings)
+            tiny_pipe.denoiser = graphed
+            got = _outcome(tiny_pipe, settings)
+            same = torch.equal(got, eager) if torch.is_tensor(eager) and torch.is_tensor(got) else got is eager
+            outcomes.append((sorted(case), "ok" if torch.is_tensor(eager) else eager.__name__, same))
+    finally:
+        tiny_pipe.denoiser = denoise
+    assert all(same for _, _, same in outcomes), outcomes
+    assert [kind for _, kind, _ in outcomes].count("ok") == 6, outcomes  # and two are refused by both
 
 
 def test_warmup_fills_the_cache_for_the_real_call(tiny_pipe):

@@ -6,6 +6,8 @@ the mask, so there the image is compared inside the mask and must equal the inpu
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -57,16 +59,17 @@ def _input_mask() -> PIL.Image.Image:
     return PIL.Image.fromarray(mask)
 
 
-def _mode_kwargs(mode: str, strength: float) -> tuple[dict, dict]:
+def _mode_kwargs(mode: str, strength: Optional[float]) -> tuple[dict, dict]:
     """(sdrt kwargs, diffusers kwargs) for the image inputs of a mode."""
     if mode == "txt2img":
         return {}, {}
     image = _input_image()
+    given = {} if strength is None else {"strength": strength}  # None: each side's default
     if mode == "img2img":
-        return {"image": image, "strength": strength}, {"image": image, "strength": strength}
+        return {"image": image, **given}, {"image": image, **given}
     mask = _input_mask()
-    return ({"image": image, "mask": mask, "strength": strength},
-            {"image": image, "mask_image": mask, "strength": strength, "height": SIZE, "width": SIZE})
+    return ({"image": image, "mask": mask, **given},
+            {"image": image, "mask_image": mask, "height": SIZE, "width": SIZE, **given})
 
 
 def _run_both(models, mode, scheduler, guidance, *, strength=0.75, steps=4, seed=7, sdrt_extra=None, ref_extra=None):
@@ -107,6 +110,15 @@ def test_seeded_generation_matches_diffusers(models, mode, scheduler, guidance):
     prompt = {"prompt": "a photo of a red cat", "negative_prompt": "blurry"}
     result, ref_latents, ref_images = _run_both(models, mode, scheduler, guidance, sdrt_extra=prompt, ref_extra=prompt)
     assert result.seeds == [7]
+    _assert_parity(mode, result, ref_latents, ref_images)
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint9", "inpaint4"])
+def test_default_strength_matches_diffusers(models, mode):
+    """No strength on either side: each mode takes its diffusers pipeline's default (img2img 0.8, inpainting 1.0)."""
+    prompt = {"prompt": "a photo of a red cat"}
+    result, ref_latents, ref_images = _run_both(models, mode, "ddim", 7.5, strength=None, sdrt_extra=prompt,
+                                                ref_extra=prompt)
     _assert_parity(mode, result, ref_latents, ref_images)
 
 

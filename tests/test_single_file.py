@@ -141,14 +141,14 @@ def folder_tensors(folder) -> dict:
     return out
 
 
-def write_single_file(folder, path, kind: str, pipe) -> dict:
+def write_single_file(folder, path, kind: str, pipe, global_step: int = 1000) -> dict:
     tensors = folder_tensors(folder)
     text = open_clip(tensors["text_encoder"]) if kind == "sd2" else ldm_clip(tensors["text_encoder"])
     original = {**ldm_unet(tensors["unet"], pipe.unet.config.layers_per_block),
                 **ldm_vae(tensors["vae"], len(pipe.vae.config.block_out_channels)), **text}
     original = {k: v.contiguous().clone() for k, v in original.items()}
     if path.suffix == ".ckpt":
-        torch.save({"state_dict": original, "global_step": 1000}, path)
+        torch.save({"state_dict": original, "global_step": global_step}, path)
     else:
         save_file(original, str(path))
     tokenizer = path.parent / "tokenizer"
@@ -327,3 +327,127 @@ def test_single_file_missing_tensor_names_key(model, tmp_path):
     with pytest.raises(sdrt.ModelLoadError) as info:
         load_components(broken)
     assert repr(key) in str(info.value) and str(broken) in str(info.value)
+
+
+# ------------------------------------------------------------------------------- prediction type
+def _copy_with_tokenizer(path, target, tensors=None, metadata=None):
+    """`path`'s file (or `tensors`) at `target`, with the tokenizer folder beside it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if tensors is None and metadata is None:
+        shutil.copy(path, target)
+    else:
+        save_file(tensors if tensors is not None else load_file(str(path)), str(target), metadata=metadata)
+    if not (target.parent / "tokenizer").exists():
+        shutil.copytree(path.parent / "tokenizer", target.parent / "tokenizer")
+    return target
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("model", ["sd2"], indirect=True)
+def test_sd2_file_that_says_nothing_is_assumed_768_v_with_a_warning(model, caplog):
+    path = model[4]
+    with caplog.at_level(logging.INFO, logger="sdrt"):
+        c = load_components(path)
+    assert c.scheduler_config["prediction_type"] == "v_prediction" and c.unet.config.sample_size == 96
+    [warning] = _warnings(caplog)
+    assert str(path) in warning and "768-v" in warning
+    assert "prediction_type='epsilon'" in warning and "--prediction-type epsilon" in warning
+
+
+@pytest.mark.parametrize("model", ["sd2"], indirect=True)
+def test_prediction_type_argument_decides_for_a_single_file(model, caplog):
+    with caplog.at_level(logging.INFO, logger="sdrt"):
+        c = load_components(model[4], prediction_type="epsilon")
+        pipe = sdrt.load(model[4], device="cpu", prediction_type="epsilon")
+    assert c.scheduler_config["prediction_type"] == "epsilon" and c.unet.config.sample_size == 64  # the 512 base
+    side = 64 * pipe.vae_scale_factor  # the tiny VAE halves once: 128 here, 512 for SD's 8x VAE
+    assert pipe.scheduler_config["prediction_type"] == "epsilon" and pipe.native_size == (side, side)
+    assert not _warnings(caplog)
+
+
+@pytest.mark.parametrize("model", ["sd2"], indirect=True)
+@pytest.mark.parametrize("yaml, expected", [
+    ('model:\n  params:\n    parameterization: "v"\n    timesteps: 1000\n', "v_prediction"),
+    ("model:\n  params:\n    timesteps: 1000\n", "epsilon"),  # LDM's default parameterization is eps
+])
+def test_yaml_beside_the_file_decides(model, tmp_path, caplog, yaml, expected):
+    path = _copy_with_tokenizer(model[4], tmp_path / "sd2.safetensors")
+    (tmp_path / "sd2.yaml").write_text(yaml)
+    with caplog.at_level(logging.INFO, logger="sdrt"):
+        c = load_components(path)
+    assert c.scheduler_config["prediction_type"] == expected and not _warnings(caplog)
+
+
+@pytest.mark.parametrize("model", ["sd2"], indirect=True)
+@pytest.mark.parametrize("metadata, expected", [
+    ({"modelspec.prediction_type": "epsilon"}, "epsilon"),
+    ({"modelspec.prediction_type": "v"}, "v_prediction"),
+    ({"modelspec.architecture": "stable-diffusion-v2-512"}, "epsilon"),
+    ({"modelspec.architecture": "stable-diffusion-v2-768-v"}, "v_prediction"),
+])
+def test_safetensors_model_spec_decides(model, tmp_path, caplog, metadata, expected):
+    path = _copy_with_tokenizer(model[4], tmp_path / "sd2.safetensors", metadata=metadata)
+    with caplog.at_level(logging.INFO, logger="sdrt"):
+        c = load_components(path)
+    assert c.scheduler_config["prediction_type"] == expected and not _warnings(caplog)
+
+
+@pytest.mark.parametrize("model", ["sd1"], indirect=True)
+def test_v_pred_marker_tensor_decides(model, tmp_path):
+    marked = dict(model[3], v_pred=torch.tensor([]))
+    c = load_components(_copy_with_tokenizer(model[4], tmp_path / "m.safetensors", tensors=marked))
+    assert c.scheduler_config["prediction_type"] == "v_prediction" and c.unet.config.sample_size == 64
+
+
+@pytest.mark.parametrize("model", ["sd2"], indirect=True)
+def test_ckpt_of_the_sd20_base_release_step_is_epsilon(model, tmp_path, caplog):
+    kind, pipe, folder, _, _ = model
+    ckpt = tmp_path / "base.ckpt"
+    write_single_file(folder, ckpt, kind, pipe, global_step=875000)
+    with caplog.at_level(logging.INFO, logger="sdrt"):
+        assert load_components(ckpt).scheduler_config["prediction_type"] == "epsilon"
+    assert not _warnings(caplog)
+
+
+@pytest.mark.parametrize("model", ["sd2"], indirect=True)
+def test_sd2_nine_channel_inpainting_file_is_epsilon(model, tmp_path, caplog):
+    tensors = dict(model[3])
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    tensors[key] = torch.randn(tensors[key].shape[0], 9, *tensors[key].shape[2:])
+    with caplog.at_level(logging.INFO, logger="sdrt"):
+        c = load_components(_copy_with_tokenizer(model[4], tmp_path / "inpaint.safetensors", tensors=tensors))
+    assert c.is_inpainting_unet and c.scheduler_config["prediction_type"] == "epsilon"
+    assert c.unet.config.sample_size == 64 and not _warnings(caplog)
+
+
+@pytest.mark.parametrize("model", ["sd1"], indirect=True)
+def test_prediction_type_overrides_a_folders_scheduler_config_and_is_checked(model):
+    folder = model[2]
+    assert load_components(folder).scheduler_config["prediction_type"] == "epsilon"
+    assert load_components(folder, prediction_type="v_prediction").scheduler_config["prediction_type"] == "v_prediction"
+    for bad in ("v", "sample", 1):
+        with pytest.raises(sdrt.InvalidInputError, match="prediction_type must be one of epsilon, v_prediction"):
+            load_components(folder, prediction_type=bad)
+
+
+@pytest.mark.parametrize("model", ["sd2"], indirect=True)
+def test_cli_prediction_type_flag(model, tmp_path, caplog, capsys):
+    from sdrt.cli import main
+    from sdrt.png import read_parameters
+
+    out = tmp_path / "out.png"
+    args = ["generate", "a cat", "-o", str(out), "--model", str(model[4]), "--steps", "1", "--size", "16x16",
+            "--device", "cpu", "--seed", "0"]
+    with caplog.at_level(logging.WARNING, logger="sdrt"):
+        assert main(args + ["--prediction-type", "epsilon"]) == 0
+    assert not _warnings(caplog) and read_parameters(out)["prediction_type"] == "epsilon"
+    with caplog.at_level(logging.WARNING, logger="sdrt"):
+        assert main(args) == 0
+    assert any("--prediction-type epsilon" in w for w in _warnings(caplog))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(args + ["--prediction-type", "v"])
+    assert info.value.code == 2 and "--prediction-type" in capsys.readouterr().err

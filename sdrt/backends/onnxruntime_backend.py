@@ -15,7 +15,7 @@ from sdrt.components import Components
 from sdrt.errors import BackendUnavailableError, ModelLoadError
 from sdrt.export.contracts import ExportContract, contracts_for
 from sdrt.export.graph_components import graph_components
-from sdrt.export.onnx import OnnxExport, default_export_dir, export_onnx
+from sdrt.export.onnx import OnnxExport, export_onnx
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def prepare(components: Components, device: torch.device, dtype: torch.dtype) ->
     except ImportError:
         raise BackendUnavailableError("the onnxruntime backend needs onnxruntime: pip install 'sdrt[onnx]' "
                                       "(or 'sdrt[gpu]' for CUDA)") from None
-    export = export_onnx(components, default_export_dir(components))
+    export = export_onnx(components)  # the cache folder for these weights
     return from_export(components, export, device)
 
 

@@ -19,7 +19,7 @@ from sdrt.errors import BackendUnavailableError
 from sdrt.export.contracts import ShapeProfile, contracts_for
 from sdrt.export.engine_cache import BuildFlags
 from sdrt.export.graph_components import graph_components
-from sdrt.export.onnx import cache_root, default_export_dir, export_onnx
+from sdrt.export.onnx import cache_root, export_onnx
 from sdrt.export.tensorrt import Engine, load_or_build, require_tensorrt
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def prepare_engines(components: Components, device: torch.device, dtype: torch.d
     profile = profile or default_profile(components)
     profile.validate(components.vae.config.downsample_factor)
     flags = BuildFlags(precision=_PRECISION[dtype], refit=refit, static=profile.is_static)
-    export = export_onnx(components, default_export_dir(components))
+    export = export_onnx(components)  # the cache folder for these weights
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "tensorrt"
     engines = {name: Engine(load_or_build(export, contract, profile, flags, cache_dir), contract, device,
                             cuda_graph=profile.is_static)

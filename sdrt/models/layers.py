@@ -24,13 +24,14 @@ class GroupNorm(nn.GroupNorm):
 
 
 class Attention(nn.Module):
-    """Multi-head attention over token sequences; cross-attention when `context_dim` is given."""
+    """Multi-head attention over token sequences; cross-attention when `context_dim` is given.
+    upcast: scores and softmax in float32 in any dtype (diffusers' upcast_attention; see sdrt.models.ops)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: Optional[int] = None,
-                 qkv_bias: bool = False):
+                 qkv_bias: bool = False, upcast: bool = False):
         super().__init__()
         inner = heads * head_dim
-        self.heads, self.head_dim = heads, head_dim
+        self.heads, self.head_dim, self.upcast = heads, head_dim, upcast
         self.to_q = nn.Linear(dim, inner, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
@@ -44,7 +45,7 @@ class Attention(nn.Module):
         q = self.to_q(x).view(b, lq, self.heads, self.head_dim).transpose(1, 2)
         k = self.to_k(context).view(b, lk, self.heads, self.head_dim).transpose(1, 2)
         v = self.to_v(context).view(b, lk, self.heads, self.head_dim).transpose(1, 2)
-        out = ops.attention(q, k, v)
+        out = ops.attention(q, k, v, upcast=self.upcast)
         return self.to_out[0](out.transpose(1, 2).reshape(b, lq, self.heads * self.head_dim))
 
 

@@ -3,6 +3,10 @@
 Models call `attention` and `group_norm` from here. By default they run plain torch ops; a backend
 switches the implementation for the duration of a call with `use_kernels(...)`, which is scoped by a
 ContextVar, so a reference model and a fast model can run side by side in one process.
+
+`attention(..., upcast=True)` (a U-Net config's `upcast_attention`, set by SD 2.1) is a contract every
+implementation keeps: the scores q k^T * scale and their softmax are computed in float32 whatever the
+inputs' dtype, as diffusers' `Attention(upcast_attention=True)` does (SD 2.1's scores overflow fp16).
 """
 from __future__ import annotations
 
@@ -13,10 +17,11 @@ from typing import Iterator, Optional, Protocol
 import torch
 import torch.nn.functional as F
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 class Kernels(Protocol):
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  scale: Optional[float] = None) -> torch.Tensor: ...
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                  upcast: bool = False) -> torch.Tensor: ...
 
     def group_norm(self, x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float = 1e-5, silu: bool = False) -> torch.Tensor: ...
@@ -26,8 +31,13 @@ class TorchKernels:
     """The reference implementation: plain torch ops."""
 
     @staticmethod
-    def attention(q, k, v, scale=None):
+    def attention(q, k, v, scale=None, upcast=False):
         # q: [B, H, Lq, D], k/v: [B, H, Lk, D]
+        if upcast and q.dtype in LOW_PRECISION:
+            # all of it in fp32, then rounded once: which SDPA kernel runs (and in what precision it keeps
+            # its scores) is torch's choice per device, so only fp32 inputs guarantee fp32 scores. The
+            # ONNX export of this is Casts around an fp32 attention, which ONNX Runtime and TensorRT keep.
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
     @staticmethod
@@ -39,8 +49,10 @@ class TorchKernels:
 _current: ContextVar[Kernels] = ContextVar("sdrt_kernels", default=TorchKernels())
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
-    return _current.get().attention(q, k, v, scale)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+              upcast: bool = False) -> torch.Tensor:
+    """softmax(q k^T * scale) v; upcast: scores and softmax in float32 (see the module docstring)."""
+    return _current.get().attention(q, k, v, scale, upcast)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,

@@ -36,13 +36,13 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool):
         super().__init__()
         head_dim = dim // heads
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, head_dim)
+        self.attn1 = Attention(dim, heads, head_dim, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -55,13 +55,14 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """diffusers' Transformer2DModel: GroupNorm, project in, one transformer block, project out, residual."""
 
-    def __init__(self, channels: int, heads: int, context_dim: int, groups: int, linear_projection: bool):
+    def __init__(self, channels: int, heads: int, cfg: UNetConfig):
         super().__init__()
-        self.linear_projection = linear_projection
-        self.norm = GroupNorm(groups, channels, _TRANSFORMER_NORM_EPS)
+        self.linear_projection = linear_projection = cfg.use_linear_projection
+        self.norm = GroupNorm(cfg.norm_num_groups, channels, _TRANSFORMER_NORM_EPS)
         proj = (lambda: nn.Linear(channels, channels)) if linear_projection else (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = proj()
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim)])
+        self.transformer_blocks = nn.ModuleList([
+            TransformerBlock(channels, heads, cfg.cross_attention_dim, cfg.upcast_attention)])
         self.proj_out = proj()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -92,9 +93,8 @@ class DownBlock(nn.Module):
         g, eps = cfg.norm_num_groups, cfg.norm_eps
         self.resnets = nn.ModuleList([ResnetBlock(in_channels if i == 0 else out_channels, out_channels, g, eps, temb)
                                       for i in range(cfg.layers_per_block)])
-        self.attentions = nn.ModuleList([
-            SpatialTransformer(out_channels, heads, cfg.cross_attention_dim, g, cfg.use_linear_projection)
-            for _ in range(cfg.layers_per_block)]) if heads else None
+        self.attentions = nn.ModuleList([SpatialTransformer(out_channels, heads, cfg)
+                                         for _ in range(cfg.layers_per_block)]) if heads else None
         self.downsamplers = nn.ModuleList([Downsample(out_channels, cfg.downsample_padding)]) if downsample else None
 
     def forward(self, x, temb, context) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -121,9 +121,8 @@ class UpBlock(nn.Module):
             ResnetBlock((prev_channels if i == 0 else out_channels) + (skip_in_channels if i == n - 1 else out_channels),
                         out_channels, g, eps, temb)
             for i in range(n)])
-        self.attentions = nn.ModuleList([
-            SpatialTransformer(out_channels, heads, cfg.cross_attention_dim, g, cfg.use_linear_projection)
-            for _ in range(n)]) if heads else None
+        self.attentions = nn.ModuleList([SpatialTransformer(out_channels, heads, cfg)
+                                         for _ in range(n)]) if heads else None
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
 
     def forward(self, x, skips: list[torch.Tensor], temb, context, upsample_size=None) -> torch.Tensor:
@@ -141,8 +140,7 @@ class MidBlock(nn.Module):
         super().__init__()
         g, eps, scale = cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor
         self.resnets = nn.ModuleList([ResnetBlock(channels, channels, g, eps, temb, scale) for _ in range(2)])
-        self.attentions = nn.ModuleList([
-            SpatialTransformer(channels, heads, cfg.cross_attention_dim, g, cfg.use_linear_projection)])
+        self.attentions = nn.ModuleList([SpatialTransformer(channels, heads, cfg)])
 
     def forward(self, x, temb, context) -> torch.Tensor:
         x = self.resnets[0](x, temb)
