@@ -135,7 +135,6 @@ def test_image_file_is_read_upright_by_its_exif_orientation(model, tmp_path):
     assert PIL.Image.open(tmp_path / "out.png").size == (16, 24)
 
 
-@requires_shared_tokenizer
 def test_unset_strength_is_the_modes_diffusers_default(model, tmp_path):
     PIL.Image.new("RGB", (16, 16), (90, 20, 200)).save(tmp_path / "in.png")
     PIL.Image.new("L", (16, 16), 255).save(tmp_path / "mask.png")
