@@ -9,7 +9,7 @@ from typing import Union
 import torch
 
 from sdrt import single_file as sf
-from sdrt.config import clip_text_config, read_json, unet_config, vae_config
+from sdrt.config import check_config, clip_text_config, read_json, unet_config, vae_config
 from sdrt.errors import InvalidInputError, ModelLoadError
 from sdrt.models.clip import CLIPTextModel, IGNORED_KEYS as CLIP_IGNORED_KEYS, checkpoint_state_dict
 from sdrt.models.unet import UNet
@@ -107,6 +107,8 @@ def _load_single_file(path: Path, dtype, device, tokenizer: Union[str, Path, Non
     tensors = sf.normalize_clip_keys(tensors)
     ucfg, vcfg = sf.infer_unet_config(tensors), sf.infer_vae_config(tensors)
     ccfg, openclip = sf.infer_clip_config(tensors)
+    for cfg in (ucfg, vcfg, ccfg):  # inferred from tensor shapes, which a damaged file may hold in any size
+        check_config(cfg, path)
 
     def build(factory, cfg, prefix, rules):
         with torch.device("meta"):
