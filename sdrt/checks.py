@@ -32,7 +32,7 @@ class Limits:
     `sdrt.load` and of the CLI) reads them from SDRT_MAX_IMAGES, SDRT_MAX_STEPS and SDRT_MAX_PIXELS.
     """
 
-    max_images: int = 16               # images per call: prompts x num_images
+    max_images: int = 64               # images per call: prompts x num_images
     max_steps: int = 500               # denoising steps; every scheduler but LCM (at most 50) runs this many
     max_pixels: int = MAX_SIZE ** 2    # height x width of one image (each side is also at most MAX_SIZE)
 

@@ -142,7 +142,7 @@ def test_huge_input_image_is_refused_from_its_header_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("args, env, words", [
     (["--steps", 1000], {}, ["steps", "[1, 500]", "SDRT_MAX_STEPS"]),
-    (["--num", 10000], {}, ["--num 10000", "max_images=16", "SDRT_MAX_IMAGES"]),
+    (["--num", 10000], {}, ["--num 10000", "max_images=64", "SDRT_MAX_IMAGES"]),
     (["--num", 3], {"SDRT_MAX_IMAGES": "2"}, ["max_images=2"]),
     (["--steps", 40], {"SDRT_MAX_STEPS": "30"}, ["[1, 30]"]),
     (["--size", "64x64"], {"SDRT_MAX_PIXELS": "4000"}, ["64x64", "max_pixels=4000", "SDRT_MAX_PIXELS"]),

@@ -95,8 +95,8 @@ def bundled():
     ({"prompt": None, "prompt_embeds": torch.full((1, 77, 64), float("inf"))}, ["prompt_embeds", "inf"]),
     ({"progress": 5}, ["progress", "callable"]),
     ({"steps": 501}, ["steps", "[1, 500]", "SDRT_MAX_STEPS"]),
-    ({"num_images": 17}, ["num_images=17", "max_images=16", "SDRT_MAX_IMAGES"]),
-    ({"prompt": ["a"] * 9, "num_images": 2}, ["18 images", "max_images=16"]),
+    ({"num_images": 65}, ["num_images=65", "max_images=64", "SDRT_MAX_IMAGES"]),
+    ({"prompt": ["a"] * 33, "num_images": 2}, ["66 images", "max_images=64"]),
 ])
 def test_bad_call_arguments_raise_invalid_input_before_any_work(bundled, kwargs, words, monkeypatch):
     def no_work(*args, **kw):
