@@ -1,8 +1,9 @@
 """sdrt: a Stable Diffusion inference runtime."""
+from sdrt.checks import Limits
 from sdrt.errors import (BackendUnavailableError, InvalidInputError, ModelLoadError, NumericalError,
                          SdrtError)
 
-__all__ = ["load", "Pipeline", "GenerationResult",
+__all__ = ["load", "Pipeline", "GenerationResult", "Limits",
            "SdrtError", "ModelLoadError", "InvalidInputError", "BackendUnavailableError", "NumericalError"]
 __version__ = "0.1.0"
 

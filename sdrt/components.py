@@ -12,7 +12,7 @@ import torch
 from sdrt import single_file as sf
 from sdrt.checks import check_prediction_type
 from sdrt.clip_vocab import VOCAB_SIZE
-from sdrt.config import CLIPTextConfig, clip_text_config, read_json, unet_config, vae_config
+from sdrt.config import CLIPTextConfig, check_config, clip_text_config, read_json, unet_config, vae_config
 from sdrt.errors import InvalidInputError, ModelLoadError
 from sdrt.models.clip import CLIPTextModel, IGNORED_KEYS as CLIP_IGNORED_KEYS, checkpoint_state_dict
 from sdrt.models.unet import UNet
@@ -130,6 +130,8 @@ def _load_single_file(path: Path, dtype, device, tokenizer: Union[str, Path, Non
     ccfg, openclip = sf.infer_clip_config(tensors)
     prediction_type = _single_file_prediction_type(path, tensors, openclip, ucfg.in_channels == 9, prediction_type)
     ucfg = dataclasses.replace(ucfg, sample_size=sf.native_sample_size(openclip, prediction_type))
+    for cfg in (ucfg, vcfg, ccfg):  # inferred from tensor shapes, which a damaged file may hold in any size
+        check_config(cfg, path)
 
     def build(factory, cfg, prefix, rules):
         with torch.device("meta"):

@@ -35,6 +35,13 @@ def _array_in_unit_range(arr: np.ndarray, name: str, forms: str) -> np.ndarray:
     raise InvalidInputError(f"{name} has dtype {arr.dtype}; expected {forms}")
 
 
+def _check_not_empty(name: str, value: Any) -> None:
+    """Refuse an image or mask with no pixels (a side of 0), which numpy and PIL fail on obscurely."""
+    size = value.size if isinstance(value, PIL.Image.Image) else tuple(value.shape)
+    if 0 in size:
+        raise InvalidInputError(f"{name} is empty (size {size}); it needs at least one pixel")
+
+
 def eight_bit(image: PIL.Image.Image) -> PIL.Image.Image:
     """A PIL image as read from a file -> an 8-bit mode: 16-bit grayscale ("I;16*", "I") scaled to "L"
     (PIL's own convert clips those values at 255, so any 16-bit picture would come out white), a palette
@@ -49,6 +56,8 @@ def eight_bit(image: PIL.Image.Image) -> PIL.Image.Image:
 
 def image_to_tensor(image: Any) -> torch.Tensor:
     """An input image -> float32 [1, 3, H, W] in [0, 1] on the CPU."""
+    if isinstance(image, (PIL.Image.Image, np.ndarray)) or torch.is_tensor(image):
+        _check_not_empty("image", image)
     if isinstance(image, PIL.Image.Image):
         if image.mode != "RGB":
             raise InvalidInputError(f"image has PIL mode {image.mode!r}; expected {IMAGE_FORMS} "
@@ -78,6 +87,8 @@ def image_to_tensor(image: Any) -> torch.Tensor:
 def mask_to_tensor(mask: Any, height: int, width: int) -> torch.Tensor:
     """An inpainting mask (white = repaint) -> float32 [1, 1, height, width] of exact 0s and 1s.
     Resized to the image's size when it differs."""
+    if isinstance(mask, (PIL.Image.Image, np.ndarray)) or torch.is_tensor(mask):
+        _check_not_empty("mask", mask)
     if isinstance(mask, PIL.Image.Image):
         if mask.mode not in ("1", "L", "RGB"):
             raise InvalidInputError(f"mask has PIL mode {mask.mode!r}; expected {MASK_FORMS}")

@@ -16,6 +16,7 @@ Where sdrt deliberately differs from diffusers:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 
 from sdrt import images as imgs
 from sdrt.backends import BACKENDS, prepare_backend
-from sdrt.checks import check_guidance, check_output, check_positive_int, check_size, strength_or_default
+from sdrt.checks import (Limits, check_guidance, check_image_count, check_output, check_pixels, check_positive_int,
+                         check_size, check_steps, check_text, strength_or_default)
 from sdrt.components import BUNDLED_MODEL, Components, load_components
 from sdrt.denoise import LatentBlend, denoise
 from sdrt.errors import InvalidInputError, ModelLoadError, NumericalError
@@ -54,7 +56,8 @@ class GenerationResult:
 
 def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device: Union[str, torch.device, None] = None,
          dtype: Union[str, torch.dtype, None] = None, tokenizer: Union[str, Path, None] = None,
-         cuda_graphs: Optional[bool] = None, prediction_type: Optional[str] = None) -> "Pipeline":
+         cuda_graphs: Optional[bool] = None, prediction_type: Optional[str] = None,
+         limits: Optional[Limits] = None) -> "Pipeline":
     """A ready pipeline. `model`: a diffusers folder or a single-file .safetensors checkpoint; None = the bundled
     tiny model. The tokenizer: the `tokenizer` folder, else the model's `tokenizer/` (for a single file, one beside
     it), else CLIP's vocabulary bundled with sdrt, with SD 1.x's or SD 2.x's pad token.
@@ -63,36 +66,42 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     device: "cpu" | "cuda" | "cuda:N" (default cuda when available); dtype: "float32" | "float16" |
     "bfloat16" (default float16 on cuda, float32 on cpu).
     cuda_graphs: capture the denoising loop in CUDA graphs (see `sdrt.graphs`, `Pipeline.warmup`); default
-    on for the triton backend on CUDA; the torch backend on CUDA may opt in; other backends and the CPU cannot."""
+    on for the triton backend on CUDA; the torch backend on CUDA may opt in; other backends and the CPU cannot.
+    limits: the bounds on each call (`sdrt.Limits`); default `Limits.from_env()`, the SDRT_MAX_* variables."""
+    _check_path("model", model)
+    _check_path("tokenizer", tokenizer)
     if backend not in BACKENDS:
         raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
     graphed = _resolve_cuda_graphs(cuda_graphs, backend, device)
+    limits = _resolve_limits(limits)
     if model is None and not BUNDLED_MODEL.is_dir():
         raise ModelLoadError(f"the bundled tiny model is not installed ({BUNDLED_MODEL} is missing); "
                              f"pass model=<diffusers folder or .safetensors checkpoint>")
     components = load_components(model, dtype=dtype, device=device, tokenizer=tokenizer,
                                  prediction_type=prediction_type)
-    return _assemble(components, backend, device, dtype, graphed)
+    return _assemble(components, backend, device, dtype, graphed, limits)
 
 
 def from_components(components: Components, *, backend: str = "torch", device: Union[str, torch.device, None] = None,
-                    dtype: Union[str, torch.dtype, None] = None, cuda_graphs: Optional[bool] = None) -> "Pipeline":
+                    dtype: Union[str, torch.dtype, None] = None, cuda_graphs: Optional[bool] = None,
+                    limits: Optional[Limits] = None) -> "Pipeline":
     """A pipeline on components built in memory (e.g. random weights for benchmarks), as `load` makes one;
     the backend may move and convert the modules in place."""
     if backend not in BACKENDS:
         raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
-    return _assemble(components, backend, device, dtype, _resolve_cuda_graphs(cuda_graphs, backend, device))
+    return _assemble(components, backend, device, dtype, _resolve_cuda_graphs(cuda_graphs, backend, device),
+                     _resolve_limits(limits))
 
 
 def _assemble(components: Components, backend: str, device: torch.device, dtype: torch.dtype,
-              graphed: bool) -> "Pipeline":
+              graphed: bool, limits: Limits) -> "Pipeline":
     components = prepare_backend(backend, components, device, dtype)
     log.info("loaded %s on %s/%s with the %s backend", components.source, device, dtype, backend)
-    pipe = Pipeline(components, device=device, dtype=dtype, backend=backend)
+    pipe = Pipeline(components, device=device, dtype=dtype, backend=backend, limits=limits)
     if graphed:
         pipe.denoiser = DenoiseGraphs(GraphCache.for_device(device))
     return pipe
@@ -108,6 +117,20 @@ def _resolve_cuda_graphs(cuda_graphs: Optional[bool], backend: str, device: torc
         raise InvalidInputError(f"cuda_graphs=True needs device='cuda' and backend {' or '.join(GRAPH_BACKENDS)}; "
                                 f"got device={device}, backend={backend!r}")
     return cuda_graphs
+
+
+def _check_path(name: str, value) -> None:
+    if value is not None and not (isinstance(value, (str, os.PathLike)) and isinstance(os.fspath(value), str)):
+        raise InvalidInputError(f"{name} must be None or a path (str or os.PathLike), got {type(value).__name__} "
+                                f"{value!r:.80}")
+
+
+def _resolve_limits(limits: Optional[Limits]) -> Limits:
+    if limits is None:
+        return Limits.from_env()
+    if not isinstance(limits, Limits):
+        raise InvalidInputError(f"limits must be None or an sdrt.Limits, got {type(limits).__name__}")
+    return limits
 
 
 def _resolve_device(device) -> torch.device:
@@ -136,16 +159,39 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 def _text_list(name: str, value: Union[str, Sequence[str]]) -> list[str]:
     if isinstance(value, str):
-        return [value]
+        return [check_text(name, value)]
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise InvalidInputError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
+        return [check_text(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    raise InvalidInputError(f"{name} must be a string or a non-empty list of strings, got {value!r:.200}")
+
+
+def _check_negatives(negative_prompt, negative_prompt_embeds) -> None:
+    """What can be checked of the negatives before any text is encoded (their count and shape come later)."""
+    if negative_prompt_embeds is None:
+        if negative_prompt is not None:
+            _text_list("negative_prompt", negative_prompt)
+        return
+    if negative_prompt is not None:
+        raise InvalidInputError("pass either negative_prompt or negative_prompt_embeds, not both")
+    if not torch.is_tensor(negative_prompt_embeds):
+        raise InvalidInputError(f"negative_prompt_embeds must be a tensor, got {type(negative_prompt_embeds).__name__}")
+    _check_tensor("negative_prompt_embeds", negative_prompt_embeds)
+
+
+def _check_tensor(name: str, value: torch.Tensor) -> None:
+    """A floating-point tensor of finite values (dtype and values; the caller checks the shape)."""
+    if not value.is_floating_point():
+        raise InvalidInputError(f"{name} must be a floating-point tensor (float32, float16 or bfloat16), "
+                                f"got dtype {str(value.dtype).removeprefix('torch.')}")
+    if not torch.isfinite(value).all():
+        raise InvalidInputError(f"{name} holds NaN or inf")
 
 
 class Pipeline:
     """One loaded model on one backend. Call it to generate; see `sdrt.load`."""
 
-    def __init__(self, components: Components, *, device: torch.device, dtype: torch.dtype, backend: str):
+    def __init__(self, components: Components, *, device: torch.device, dtype: torch.dtype, backend: str,
+                 limits: Optional[Limits] = None):
         self.tokenizer = components.tokenizer
         self.text_encoder = components.text_encoder
         self.unet = components.unet
@@ -153,6 +199,7 @@ class Pipeline:
         self.scheduler_config = dict(components.scheduler_config)
         self.model = components.source
         self.device, self.dtype, self.backend = device, dtype, backend
+        self.limits = _resolve_limits(limits)  # checked by every call; a service may lower them
         self.vae_scale_factor = self.vae.config.downsample_factor
         self.is_inpainting_model = components.is_inpainting_unet
         side = self.unet.config.sample_size * self.vae_scale_factor
@@ -174,8 +221,10 @@ class Pipeline:
         strength: how much of the image to redo, in [0, 1]; None = diffusers' default for the mode
         (img2img 0.8, inpainting 1.0). See the module docstring for the modes and README.md for the contract."""
         timer = _PhaseTimer(self.device)
-        steps = check_positive_int("steps", steps)
+        steps = check_steps(steps, self.limits)
         num_images = check_positive_int("num_images", num_images)
+        if progress is not None and not callable(progress):
+            raise InvalidInputError(f"progress must be None or a callable progress(done, total), got {progress!r:.80}")
         guidance = check_guidance(guidance_scale)
         strength = strength_or_default(strength, inpainting=mask is not None)
         output = check_output(output)
@@ -191,12 +240,16 @@ class Pipeline:
         mask_px = None if mask is None else imgs.mask_to_tensor(mask, height, width)  # [1, 1, H, W] of 0/1
 
         n_prompts = self._count_prompts(prompt, prompt_embeds)
-        batch = n_prompts * num_images
+        _check_negatives(negative_prompt, negative_prompt_embeds)
+        batch = check_image_count(n_prompts * num_images, self.limits,
+                                  f"num_images={num_images} x {n_prompts} prompt{'s' * (n_prompts > 1)}")
         shape = (batch, 4, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is not None and (not torch.is_tensor(latents) or tuple(latents.shape) != shape):
             raise InvalidInputError(f"latents must be a tensor of shape {list(shape)} (batch, 4, height/"
                                     f"{self.vae_scale_factor}, width/{self.vae_scale_factor}), got "
                                     f"{list(latents.shape) if torch.is_tensor(latents) else type(latents).__name__}")
+        if latents is not None:
+            _check_tensor("latents", latents)
         noise = NoiseSource(seed, batch)
         start_strength = 1.0 if init_image is None else strength
         schedule = sched.set_timesteps(steps, device=self.device, strength=start_strength)
@@ -216,8 +269,7 @@ class Pipeline:
                           start_state.step_noise, condition=start_state.condition, blend=start_state.blend,
                           on_step=on_step)
         if not torch.isfinite(x).all():
-            raise NumericalError(f"the final latents hold NaN or inf ({self.backend} backend, {self.dtype}); "
-                                 f"try dtype='float32' or another scheduler")
+            raise NumericalError(f"the final latents hold NaN or inf ({self._run_name()}); {self._nan_advice('loop')}")
         timer.lap("denoise")
 
         images: Any = x
@@ -240,6 +292,22 @@ class Pipeline:
         return result.timings
 
     # -- argument handling
+    def _run_name(self) -> str:
+        return f"{self.backend} backend, {str(self.dtype).removeprefix('torch.')}"
+
+    def _nan_advice(self, stage: str) -> str:
+        """What to try after NaN/inf in `stage` ("loop" | "vae"), as fits this run's dtype and backend."""
+        if self.dtype != torch.float32:
+            advice = f"{str(self.dtype).removeprefix('torch.')} may overflow here: try dtype='float32'"
+        elif stage == "vae":
+            advice = "the run was already float32, so the VAE weights or the latents hold extreme values"
+        else:
+            advice = ("the run was already float32: try another scheduler or fewer steps, and check the model's "
+                      "weights and any latents or prompt_embeds passed in")
+        if self.backend != "torch":
+            advice += f"; compare this backend with the reference: sdrt check --backend {self.backend}"
+        return advice
+
     def _size(self, height, width, init_image) -> tuple[int, int]:
         multiple = max(8, self.vae_scale_factor)
         if init_image is not None:
@@ -249,12 +317,16 @@ class Pipeline:
                     raise InvalidInputError(f"{name}={want} differs from the image's {name} {got}; "
                                             f"leave it unset or resize the image")
             try:
-                return check_size("image height", ih, multiple), check_size("image width", iw, multiple)
+                size = check_size("image height", ih, multiple), check_size("image width", iw, multiple)
             except InvalidInputError as e:
                 raise InvalidInputError(f"{e} (image size {iw}x{ih})") from None
+            check_pixels(*size, self.limits, "the image's size")
+            return size
         native_h, native_w = self.native_size
-        return (check_size("height", native_h if height is None else height, multiple),
+        size = (check_size("height", native_h if height is None else height, multiple),
                 check_size("width", native_w if width is None else width, multiple))
+        check_pixels(*size, self.limits)
+        return size
 
     def _count_prompts(self, prompt, prompt_embeds) -> int:
         if prompt_embeds is not None:
@@ -265,6 +337,7 @@ class Pipeline:
                     or prompt_embeds.shape[-1] != width:
                 got = list(prompt_embeds.shape) if torch.is_tensor(prompt_embeds) else type(prompt_embeds).__name__
                 raise InvalidInputError(f"prompt_embeds must be a tensor [batch >= 1, 77, {width}], got {got}")
+            _check_tensor("prompt_embeds", prompt_embeds)
             return prompt_embeds.shape[0]
         if prompt is None:
             raise InvalidInputError("prompt is required (a string or a list of strings), or pass prompt_embeds")
@@ -282,9 +355,7 @@ class Pipeline:
         if not cfg:
             return cond.repeat_interleave(num_images, dim=0)
         if negative_prompt_embeds is not None:
-            if negative_prompt is not None:
-                raise InvalidInputError("pass either negative_prompt or negative_prompt_embeds, not both")
-            if not torch.is_tensor(negative_prompt_embeds) or negative_prompt_embeds.shape != cond.shape:
+            if negative_prompt_embeds.shape != cond.shape:
                 raise InvalidInputError(f"negative_prompt_embeds must be a tensor of prompt_embeds' shape "
                                         f"{list(cond.shape)}")
             uncond = negative_prompt_embeds
@@ -327,8 +398,7 @@ class Pipeline:
         pixels are pasted back exactly (4-channel inpainting)."""
         decoded = self.vae.decode((latents / self.vae.scaling_factor).to(self.dtype))
         if not torch.isfinite(decoded).all():
-            raise NumericalError(f"the VAE decoded NaN or inf ({self.backend} backend, {self.dtype}); "
-                                 f"the VAE may overflow in this dtype: try dtype='float32'")
+            raise NumericalError(f"the VAE decoded NaN or inf ({self._run_name()}); {self._nan_advice('vae')}")
         pixels = imgs.to_unit_range(decoded)
         if keep is not None:  # sdrt's addition: the unmasked pixels are exactly the input's
             mask_px, init_image = keep

@@ -15,24 +15,16 @@ from typing import Any, Mapping, Union
 import PIL.Image
 import PIL.PngImagePlugin
 
+from sdrt.checks import check_output_file
 from sdrt.errors import InvalidInputError
 
 PARAMETERS_KEY = "parameters"
+_TMP_NAME_CHARS = 32  # of the final name kept in the temporary one, so that stays short whatever the name
 
 
-def check_writable(path: Union[str, Path]) -> Path:
-    """Refuse, before any work is done, an output path that cannot be written."""
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise InvalidInputError(f"output path must end in .png, got {str(path)!r}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise InvalidInputError(f"output path {str(path)!r}: folder {str(parent)!r} does not exist")
-    if path.is_dir():
-        raise InvalidInputError(f"output path {str(path)!r} is a folder")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise InvalidInputError(f"output path {str(path)!r} is not writable")
-    return path
+def check_writable(path: Union[str, os.PathLike]) -> Path:
+    """Refuse, before any work is done, an output PNG path that cannot be written."""
+    return check_output_file(path, "output path", suffix=".png")
 
 
 def save_png(image: PIL.Image.Image, path: Union[str, Path], parameters: Mapping[str, Any]) -> None:
@@ -43,7 +35,7 @@ def save_png(image: PIL.Image.Image, path: Union[str, Path], parameters: Mapping
     info.add_text(PARAMETERS_KEY, json.dumps(dict(parameters), ensure_ascii=False))
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:_TMP_NAME_CHARS]}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes the file private (0o600); an image is not
             image.save(f, format="PNG", pnginfo=info)

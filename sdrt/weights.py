@@ -97,6 +97,9 @@ def assign_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], so
         if tuple(given[key].shape) != tuple(ref.shape):
             raise ModelLoadError(f"{source}: tensor {key!r} has shape {tuple(given[key].shape)}, "
                                  f"the config expects {tuple(ref.shape)}")
+        if ref.is_floating_point() and not given[key].is_floating_point():
+            raise ModelLoadError(f"{source}: tensor {key!r} has dtype {str(given[key].dtype).removeprefix('torch.')}; "
+                                 f"weights must be floating point (float32, float16 or bfloat16)")
     module.load_state_dict(given, strict=True, assign=True)
     # weights in a floating dtype follow `dtype`; integer buffers (none today) would keep theirs
     if dtype is not None or device is not None:

@@ -6,7 +6,8 @@ A subcommand module provides:
     run(args: argparse.Namespace) -> int        the exit code; raise sdrt.SdrtError for bad input
 
 Exit codes: 0 success, 2 bad input or a missing/corrupt model (one line on stderr), 1 a bug (traceback).
-The CLI alone prints; everything else logs.
+The CLI alone prints; everything else logs. Error lines show any character that is not printable (a
+terminal escape sequence in a path, a byte that is not UTF-8) as a Python escape, never raw.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (prog: error: message) and exit code 2."""
 
     def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(message: str) -> str:
-    return " ".join(str(message).split())
+def _one_line(message) -> str:
+    """The message on one line, with every non-printable character escaped (\\x1b, \\udcff, ...)."""
+    text = " ".join(str(message).split())
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 HELP = "compare a backend with the float32 torch reference: per-component errors and image PSNR"
 
@@ -20,19 +19,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20, help="denoising steps end to end (default 20)")
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default: two built in)")
     p.add_argument("--size", type=int, default=None, help="square image size (default: the model's native size)")
-    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    p.add_argument("--json", default=None, help="also write the report as JSON to this file")
 
 
 def run(args: argparse.Namespace) -> int:
-    from sdrt import parity
-    from sdrt.checks import check_positive_int
+    from sdrt.checks import Limits, check_output_file, check_pixels, check_size, check_steps, check_text
+    from sdrt.errors import InvalidInputError
 
-    steps = check_positive_int("steps", args.steps)
+    # every argument is checked before the model is loaded and the three runs are made
+    limits = Limits.from_env()
+    steps = check_steps(args.steps, limits, "--steps")
+    if args.size is not None:
+        check_pixels(check_size("--size", args.size), args.size, limits, f"--size {args.size}")
+    for prompt in args.prompt or ():
+        check_text("--prompt", prompt)
+    json_path = None if args.json is None else check_output_file(args.json, "--json", make_parents=True)
+
+    from sdrt import parity
     prompts = args.prompt or list(parity.DEFAULT_PROMPTS)
     report = parity.compare(args.model, args.backend, dtype=args.dtype, device=args.device, prompts=prompts,
                             steps=steps, height=args.size, width=args.size)
     print(report.table())
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    if json_path is not None:
+        try:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+        except OSError as e:
+            raise InvalidInputError(f"cannot write --json {str(json_path)!r}: {e.strerror or e}") from None
     return 1 if report.passed is False else 0

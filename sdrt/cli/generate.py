@@ -1,17 +1,20 @@
 """`sdrt generate`: prompt -> PNG(s) carrying their generation parameters.
 
 Arguments are checked before torch is imported or the model loaded, so bad input fails at once; the
-output path is checked before any work, and files are written to a temporary name and renamed.
+output path and the input images' sizes (from their headers) are checked before any work, and files are
+written to a temporary name and renamed. The limits on steps, images and pixels are `sdrt.Limits.from_env()`.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from sdrt import __version__
-from sdrt.checks import DEFAULT_STRENGTH, PREDICTION_TYPES, check_guidance, check_positive_int, check_size, check_strength, \
-    strength_or_default
+from sdrt.checks import (DEFAULT_STRENGTH, LIMIT_VARIABLES, MAX_SIZE, PREDICTION_TYPES, Limits, check_file_name,
+                         check_guidance, check_image_count, check_pixels, check_positive_int, check_size, check_steps,
+                         check_strength, check_text, strength_or_default)
 from sdrt.errors import InvalidInputError
 from sdrt.png import check_writable
 
@@ -54,12 +57,15 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help="what to draw")
+    p.add_argument("prompt", type=_arg_type(lambda t: check_text("prompt", t)), help="what to draw")
     p.add_argument("-o", "--output", default="out.png",
                    help="PNG to write (default out.png); with --num N > 1: out-1.png ... out-N.png")
     p.add_argument("--model", help="diffusers folder or .safetensors checkpoint (default: the bundled tiny model)")
-    p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--steps", type=_arg_type(lambda t: check_positive_int("steps", _integer(t))), default=30)
+    p.add_argument("--negative", type=_arg_type(lambda t: check_text("--negative", t)), default=None,
+                   help="negative prompt")
+    p.add_argument("--steps", type=_arg_type(lambda t: check_positive_int("steps", _integer(t))), default=30,
+                   help=f"denoising steps, 1 to max_steps ({Limits.max_steps} unless {LIMIT_VARIABLES['max_steps']} "
+                        f"sets it; the lcm scheduler allows its original_inference_steps, usually 50) (default 30)")
     p.add_argument("--guidance", type=_arg_type(lambda t: check_guidance(_number(t))), default=7.5,
                    help="classifier-free guidance scale (>= 0; > 1 enables guidance; default 7.5)")
     p.add_argument("--scheduler", default="ddim",
@@ -69,7 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=_arg_type(parse_size), default=None, metavar="WxH",
                    help="image size, multiples of 8 (default: the model's native size, or the --image size)")
     p.add_argument("--num", type=_arg_type(lambda t: check_positive_int("num", _integer(t))), default=1,
-                   help="number of images (default 1)")
+                   help=f"number of images, 1 to max_images ({Limits.max_images} unless "
+                        f"{LIMIT_VARIABLES['max_images']} sets it) (default 1)")
     p.add_argument("--image", type=Path, help="input image for img2img / inpainting")
     p.add_argument("--strength", type=_arg_type(lambda t: check_strength(_number(t))), default=None,
                    help="img2img / inpainting: how much to change the image, in [0, 1] (default as diffusers: "
@@ -84,34 +91,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def output_paths(output: str, num: int) -> list[Path]:
-    path = Path(output)
     if num == 1:
-        return [check_writable(path)]
-    if path.suffix.lower() != ".png":  # said of the path given, not of the first numbered name made from it
-        raise InvalidInputError(f"output path must end in .png, got {output!r}")
+        return [check_writable(output)]
+    path = check_file_name(output, suffix=".png")  # said of the path given, not of a numbered name made from it
     return [check_writable(path.with_name(f"{path.stem}-{k}{path.suffix}")) for k in range(1, num + 1)]
 
 
-def _open_image(path: Path, name: str):
-    """The picture as viewers show it: a camera's EXIF orientation applied (as diffusers' load_image does)."""
+def _open_image(path: Path, name: str, limits: Limits):
+    """The picture as viewers show it: a camera's EXIF orientation applied (as diffusers' load_image does).
+    Its size is checked from the file's header, before the pixels are decoded."""
     import PIL.Image
     import PIL.ImageOps
+    shown = f"--{name} {str(path)!r}"
     try:
-        with PIL.Image.open(path) as img:
+        with warnings.catch_warnings():  # Pillow warns of big images itself; the check below says it in one line
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            img = PIL.Image.open(path)
+        with img:
+            width, height = img.size
+            if max(width, height) > MAX_SIZE:
+                raise InvalidInputError(f"{shown}: {width}x{height} is too large (sides up to {MAX_SIZE})")
+            check_pixels(height, width, limits, f"{shown}: the image's size")
             img.load()
             return PIL.ImageOps.exif_transpose(img)
     except FileNotFoundError:
-        raise InvalidInputError(f"--{name} {str(path)!r}: no such file") from None
-    except (OSError, PIL.Image.DecompressionBombError) as e:
-        raise InvalidInputError(f"--{name} {str(path)!r}: not a readable image ({e})") from None
+        raise InvalidInputError(f"{shown}: no such file") from None
+    except PIL.Image.DecompressionBombError as e:
+        raise InvalidInputError(f"{shown}: too large ({e})") from None
+    except OSError as e:
+        raise InvalidInputError(f"{shown}: not a readable image ({e})") from None
 
 
 def run(args: argparse.Namespace) -> int:
+    limits = Limits.from_env()
+    check_steps(args.steps, limits)
+    check_image_count(args.num, limits, f"--num {args.num}")
+    if args.size is not None:
+        check_pixels(args.size[1], args.size[0], limits, f"--size {args.size[0]}x{args.size[1]}")
     paths = output_paths(args.output, args.num)
     if args.mask is not None and args.image is None:
         raise InvalidInputError("--mask needs --image (the image to inpaint)")
-    image = None if args.image is None else _open_image(args.image, "image")
-    mask = None if args.mask is None else _open_image(args.mask, "mask")
+    image = None if args.image is None else _open_image(args.image, "image", limits)
+    mask = None if args.mask is None else _open_image(args.mask, "mask", limits)
     width, height = args.size if args.size is not None else (None, None)
 
     import sdrt  # torch from here on
@@ -123,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     mask = None if mask is None else eight_bit(mask)
 
     pipe = sdrt.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                     prediction_type=args.prediction_type)
+                     prediction_type=args.prediction_type, limits=limits)
     with tqdm(total=None, unit="step", disable=not sys.stderr.isatty(), leave=False) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
