@@ -137,6 +137,24 @@ def _text_list(name: str, value: Union[str, Sequence[str]]) -> list[str]:
     raise InvalidInputError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
 
 
+def _check_guidance_arg(value) -> Union[float, list[float]]:
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise InvalidInputError("guidance_scale must be a number or a non-empty list of numbers, got []")
+        return [check_guidance(g) for g in value]
+    return check_guidance(value)
+
+
+def _guidance_per_image(guidance: Union[float, list[float]], n_prompts: int, num_images: int):
+    """A per-prompt list -> one scale per image (each prompt's num_images in a row); a number stays one."""
+    if not isinstance(guidance, list):
+        return guidance
+    if len(guidance) != n_prompts:
+        raise InvalidInputError(f"a guidance_scale list must hold one scale per prompt ({n_prompts}), "
+                                f"got {len(guidance)}")
+    return [g for g in guidance for _ in range(num_images)]
+
+
 class Pipeline:
     """One loaded model on one backend. Call it to generate; see `sdrt.load`."""
 
@@ -160,17 +178,19 @@ class Pipeline:
 
     @torch.inference_mode()
     def __call__(self, prompt: Union[str, Sequence[str], None] = None, negative_prompt: Union[str, Sequence[str], None] = None,
-                 steps: int = 30, guidance_scale: float = 7.5, scheduler: Optional[str] = "ddim", eta: float = 0.0,
+                 steps: int = 30, guidance_scale: Union[float, Sequence[float]] = 7.5, scheduler: Optional[str] = "ddim", eta: float = 0.0,
                  height: Optional[int] = None, width: Optional[int] = None, num_images: int = 1, seed: SeedArg = None,
                  image: Any = None, strength: float = 0.8, mask: Any = None, latents: Optional[torch.Tensor] = None,
                  prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_embeds: Optional[torch.Tensor] = None,
                  output: str = "pil", progress: Optional[Callable[[int, int], None]] = None) -> GenerationResult:
         """Generate images; `progress(done, total)` is called after every denoising step.
+        guidance_scale: one number, or a list with one per prompt (all > 1 or all <= 1): each prompt's images
+        are then the same as in a call of their own with that scale and their seeds (a seed list).
         See the module docstring for the modes and DESIGN.md for the argument contract."""
         timer = _PhaseTimer(self.device)
         steps = check_positive_int("steps", steps)
         num_images = check_positive_int("num_images", num_images)
-        guidance = check_guidance(guidance_scale)
+        guidance = _check_guidance_arg(guidance_scale)
         strength = check_strength(strength)
         output = check_output(output)
         cfg = uses_cfg(guidance)
@@ -186,6 +206,7 @@ class Pipeline:
 
         n_prompts = self._count_prompts(prompt, prompt_embeds)
         batch = n_prompts * num_images
+        guidance = _guidance_per_image(guidance, n_prompts, num_images)
         shape = (batch, 4, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is not None and (not torch.is_tensor(latents) or tuple(latents.shape) != shape):
             raise InvalidInputError(f"latents must be a tensor of shape {list(shape)} (batch, 4, height/"
