@@ -46,7 +46,7 @@ class _Request:
     queued_items: int  # its pieces still waiting in the queue
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a queue holds each item once
 class _Item:
     job: GenerationJob
     key: Optional[Hashable]
@@ -109,11 +109,15 @@ class Batcher:
         try:
             results = await asyncio.gather(*futures)
         except BaseException:  # a piece failed, or this call was cancelled (timeout, disconnect)
-            for future in futures:
-                if not future.done():
-                    future.cancel()  # the queue drops it before its turn
-                elif not future.cancelled():
-                    future.exception()  # retrieved: one failure is reported once
+            for item in items:
+                if not item.future.done():
+                    item.future.cancel()
+                elif not item.future.cancelled():
+                    item.future.exception()  # retrieved: one failure is reported once
+                if item in self._queue:  # dropped before its turn
+                    self._queue.remove(item)
+                    self._leave_queue(item)
+            self._arrived.set()
             raise
         return [image for images in results for image in images]
 
@@ -180,6 +184,8 @@ class Batcher:
     async def _run(self, batch: list[_Item]) -> None:
         images = sum(item.job.num_images for item in batch)
         started = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.batch_started(images)
         try:
             results = await self.run([item.job for item in batch])
         except Exception as e:  # the batch's requests get the failure; the server keeps serving

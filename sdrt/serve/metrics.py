@@ -16,6 +16,8 @@ class ServeMetrics:
     def __init__(self, max_batch: int):
         self.registry = CollectorRegistry()
         self.queue_depth = Gauge("sdrt_queue_depth", "requests waiting for their turn", registry=self.registry)
+        self.running = Gauge("sdrt_batch_running_images", "images of the batch running now (0: idle)",
+                             registry=self.registry)
         self.batch_size = Histogram("sdrt_batch_size_images", "images per batch (one pipeline call)",
                                     buckets=tuple(range(1, max_batch + 1)), registry=self.registry)
         self.batch_seconds = Histogram("sdrt_batch_seconds", "seconds per batch", buckets=LATENCY_BUCKETS,
@@ -31,7 +33,11 @@ class ServeMetrics:
     def track_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(lambda: float(depth()))
 
+    def batch_started(self, images: int) -> None:
+        self.running.set(images)
+
     def observe_batch(self, images: int, seconds: float) -> None:
+        self.running.set(0)
         self.batch_size.observe(images)
         self.batch_seconds.observe(seconds)
 
