@@ -7,6 +7,7 @@ measured on this machine at start (`slow_steps`), so they hold on a loaded CI ma
 from __future__ import annotations
 
 import base64
+import os
 import concurrent.futures
 import io
 import json
@@ -338,3 +339,18 @@ def test_importing_sdrt_imports_no_server_package():
     code = "import sys, sdrt; sdrt.load; print(any(m in sys.modules for m in ('fastapi', 'uvicorn', 'starlette')))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
         == "False"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--api-key-env", "SDRT_TEST_UNSET_VARIABLE"], ["SDRT_TEST_UNSET_VARIABLE", "unset or empty"]),
+    (["--lora-dir", "/nonexistent/loras"], ["--lora-dir", "not a folder"]),
+    (["--port", "70000"], ["--port"]),
+    (["--max-batch", "0"], ["--max-batch"]),
+    (["--model", "/nonexistent/model"], ["/nonexistent/model"]),
+])
+def test_bad_serve_arguments_exit_2_with_one_line(args, words):
+    env = {k: v for k, v in os.environ.items() if k != "SDRT_TEST_UNSET_VARIABLE"}
+    done = subprocess.run([sys.executable, "-m", "sdrt.cli", "serve", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and all(w in done.stderr for w in words), done.stderr
