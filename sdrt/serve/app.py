@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from typing import Any, Optional, Protocol, Sequence
 
 import PIL.Image
@@ -31,7 +30,6 @@ from sdrt.serve.middleware import OPENAI_PREFIX, BearerAuth, BodyLimit, Latency,
 from sdrt.serve.rejections import Rejected
 from sdrt.serve.settings import ServeSettings
 
-log = logging.getLogger(__name__)
 
 GENERATION_PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations")
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it
