@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from sdrt.errors import InvalidInputError
-from sdrt.guidance import combine, uses_cfg
+from sdrt.guidance import combine, per_sample_scale, uses_cfg
 from sdrt.schedulers import Schedule, Scheduler
 
 
@@ -36,7 +36,7 @@ class LatentBlend:
 
 
 def denoise(unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: Tensor, context: Tensor,
-            guidance_scale: Union[float, Tensor], start: int, step_noise: Sequence[Optional[Tensor]], *,
+            guidance_scale: Union[float, Sequence[float], Tensor], start: int, step_noise: Sequence[Optional[Tensor]], *,
             condition: Optional[Tensor] = None, blend: Optional[LatentBlend] = None,
             on_step: Optional[Callable[[int], None]] = None, cfg: Optional[bool] = None) -> Tensor:
     """latents: [B, 4, h, w] float32 at step `start`; context: [B or 2B, 77, D] ([uncond; cond] under CFG);
@@ -44,13 +44,19 @@ def denoise(unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: T
     scaling (the 9-channel inpainting U-Net's [mask, masked-image latents], already CFG-batched).
     Returns the final latents [B, 4, h, w] float32.
 
-    guidance_scale may be a 0-d device tensor (a CUDA graph's static input, so a new scale needs no
-    recapture); `cfg` then says whether the context holds the [uncond; cond] batch."""
+    guidance_scale may be a list, one scale per sample; or a 0-d or [B, 1, 1, 1] device tensor (a CUDA
+    graph's static input, so a new scale needs no recapture); `cfg` then says whether the context holds
+    the [uncond; cond] batch."""
     if torch.is_tensor(guidance_scale):
         if cfg is None:
             raise InvalidInputError("cfg must be given (True/False) when guidance_scale is a tensor")
     elif cfg is None:
         cfg = uses_cfg(guidance_scale)
+    if isinstance(guidance_scale, (list, tuple)):
+        if len(guidance_scale) != latents.shape[0]:
+            raise InvalidInputError(f"a guidance_scale list needs one scale per sample ({latents.shape[0]}), "
+                                    f"got {len(guidance_scale)}")
+        guidance_scale = per_sample_scale(guidance_scale, latents.device)
     model_dtype = context.dtype
     state = scheduler.init_state(latents)
     for i in range(start, len(schedule.timesteps)):

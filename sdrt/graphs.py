@@ -32,7 +32,7 @@ from torch import Tensor
 
 from sdrt.denoise import LatentBlend, denoise
 from sdrt.errors import InvalidInputError
-from sdrt.guidance import uses_cfg
+from sdrt.guidance import per_sample_scale, uses_cfg
 from sdrt.schedulers import Schedule, Scheduler
 
 log = logging.getLogger(__name__)
@@ -261,12 +261,17 @@ class DenoiseGraphs:
                           unet=id(unet))
 
     def __call__(self, unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: Tensor, context: Tensor,
-                 guidance_scale: float, start: int, step_noise: Sequence[Optional[Tensor]], *,
-                 condition: Optional[Tensor] = None, blend: Optional[LatentBlend] = None,
+                 guidance_scale: Union[float, Sequence[float]], start: int, step_noise: Sequence[Optional[Tensor]],
+                 *, condition: Optional[Tensor] = None, blend: Optional[LatentBlend] = None,
                  on_step: Optional[Callable[[int], None]] = None) -> Tensor:
         cfg = uses_cfg(guidance_scale)
         noise_at = [i for i, n in enumerate(step_noise) if n is not None]
-        guidance = torch.tensor(float(guidance_scale), dtype=torch.float32, device=latents.device)
+        # always one scale per sample ([B, 1, 1, 1]): a scalar or a list call replays the same capture
+        scales = guidance_scale if isinstance(guidance_scale, (list, tuple)) else [guidance_scale] * latents.shape[0]
+        if len(scales) != latents.shape[0]:
+            raise InvalidInputError(f"a guidance_scale list needs one scale per sample ({latents.shape[0]}), "
+                                    f"got {len(scales)}")
+        guidance = per_sample_scale(scales, latents.device)
         sched_tensors = _schedule_tensors(schedule)
         named = _static_inputs(latents, context, guidance, step_noise, schedule, condition, blend)
         key = self._key(unet, scheduler, schedule, named, cfg, start, condition, blend)

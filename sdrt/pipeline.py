@@ -187,6 +187,24 @@ def _check_tensor(name: str, value: torch.Tensor) -> None:
         raise InvalidInputError(f"{name} holds NaN or inf")
 
 
+def _check_guidance_arg(value) -> Union[float, list[float]]:
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise InvalidInputError("guidance_scale must be a number or a non-empty list of numbers, got []")
+        return [check_guidance(g) for g in value]
+    return check_guidance(value)
+
+
+def _guidance_per_image(guidance: Union[float, list[float]], n_prompts: int, num_images: int):
+    """A per-prompt list -> one scale per image (each prompt's num_images in a row); a number stays one."""
+    if not isinstance(guidance, list):
+        return guidance
+    if len(guidance) != n_prompts:
+        raise InvalidInputError(f"a guidance_scale list must hold one scale per prompt ({n_prompts}), "
+                                f"got {len(guidance)}")
+    return [g for g in guidance for _ in range(num_images)]
+
+
 class Pipeline:
     """One loaded model on one backend. Call it to generate; see `sdrt.load`."""
 
@@ -212,20 +230,23 @@ class Pipeline:
 
     @torch.inference_mode()
     def __call__(self, prompt: Union[str, Sequence[str], None] = None, negative_prompt: Union[str, Sequence[str], None] = None,
-                 steps: int = 30, guidance_scale: float = 7.5, scheduler: Optional[str] = "ddim", eta: float = 0.0,
+                 steps: int = 30, guidance_scale: Union[float, Sequence[float]] = 7.5, scheduler: Optional[str] = "ddim", eta: float = 0.0,
                  height: Optional[int] = None, width: Optional[int] = None, num_images: int = 1, seed: SeedArg = None,
                  image: Any = None, strength: Optional[float] = None, mask: Any = None, latents: Optional[torch.Tensor] = None,
                  prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_embeds: Optional[torch.Tensor] = None,
                  output: str = "pil", progress: Optional[Callable[[int, int], None]] = None) -> GenerationResult:
         """Generate images; `progress(done, total)` is called after every denoising step.
         strength: how much of the image to redo, in [0, 1]; None = diffusers' default for the mode
-        (img2img 0.8, inpainting 1.0). See the module docstring for the modes and README.md for the contract."""
+        (img2img 0.8, inpainting 1.0).
+        guidance_scale: one number, or a list with one per prompt (all > 1 or all <= 1): each prompt's images
+        are then the same as in a call of their own with that scale and their seeds (a seed list).
+        See the module docstring for the modes and README.md for the contract."""
         timer = _PhaseTimer(self.device)
         steps = check_steps(steps, self.limits)
         num_images = check_positive_int("num_images", num_images)
         if progress is not None and not callable(progress):
             raise InvalidInputError(f"progress must be None or a callable progress(done, total), got {progress!r:.80}")
-        guidance = check_guidance(guidance_scale)
+        guidance = _check_guidance_arg(guidance_scale)
         strength = strength_or_default(strength, inpainting=mask is not None)
         output = check_output(output)
         cfg = uses_cfg(guidance)
@@ -243,6 +264,7 @@ class Pipeline:
         _check_negatives(negative_prompt, negative_prompt_embeds)
         batch = check_image_count(n_prompts * num_images, self.limits,
                                   f"num_images={num_images} x {n_prompts} prompt{'s' * (n_prompts > 1)}")
+        guidance = _guidance_per_image(guidance, n_prompts, num_images)
         shape = (batch, 4, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is not None and (not torch.is_tensor(latents) or tuple(latents.shape) != shape):
             raise InvalidInputError(f"latents must be a tensor of shape {list(shape)} (batch, 4, height/"

@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "build": "sdrt.cli.build",
     "check": "sdrt.cli.check",
     "bench": "sdrt.cli.bench",
+    "serve": "sdrt.cli.serve",
 }
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130

@@ -62,7 +62,7 @@ class ResnetBlock(nn.Module):
         self.output_scale = output_scale
 
     def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # x: [B, C, H, W], temb: [B, T]
+        # x: [B, C, H, W], temb: [B or 1, T]
         h = self.conv1(self.norm1(x))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]

@@ -184,8 +184,10 @@ class UNet(nn.Module):
                 context: torch.Tensor) -> torch.Tensor:
         # sample: [B, in_channels, h, w]; timestep: scalar or [B]; context: [B, 77, cross_attention_dim]
         if not torch.is_tensor(timestep):
-            timestep = torch.tensor([timestep], device=sample.device)
-        timesteps = timestep.reshape(-1).expand(sample.shape[0])
+            timestep = torch.tensor(timestep, device=sample.device)
+        # a scalar timestep is embedded once ([1, T], broadcast by the blocks): a sample's numbers then do not
+        # depend on the batch size (a CPU matmul of a few rows picks its kernel by the row count)
+        timesteps = timestep.reshape(1) if timestep.dim() == 0 else timestep.reshape(-1).expand(sample.shape[0])
         t_emb = timestep_embedding(timesteps, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                    self.config.freq_shift)
         temb = self.time_embedding(t_emb.to(sample.dtype))
