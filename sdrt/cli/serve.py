@@ -106,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
     from sdrt.serve.settings import Limits, ServedModel, ServeSettings
     from sdrt.serve.worker import PipelineWorker
 
-    pipe = sdrt.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+    # The pipeline's own limits must admit whatever the server's limits admit (a batch of max-batch images).
+    pipe_limits = sdrt.Limits(max_images=max(args.max_images, args.max_batch), max_steps=args.max_steps,
+                              max_pixels=args.max_pixels)
+    pipe = sdrt.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype, limits=pipe_limits)
     loras = LoraLibrary(args.lora_dir, available=has_lora_api(pipe))
     if args.lora_dir is not None and not loras.available:
         log.warning("--lora-dir given, but this sdrt build has no LoRA support: requests naming a LoRA get 422")
