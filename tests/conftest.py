@@ -1,7 +1,15 @@
 import os
+import sys
+from pathlib import Path
 
-import pytest
-import torch
+# `python -m pytest` puts the working directory on sys.path. Run from the repository root, that makes the
+# repo's kernels/ folder (installed as sdrt.kernels) importable as a top-level `kernels`, shadowing
+# the PyPI package `kernels` that transformers imports with CLIP. sdrt itself is installed, so drop it.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # The Triton kernels run on CPU tensors only under Triton's interpreter, which `@triton.jit` picks when
 # a kernel module is imported: set it before any test module can import one.
