@@ -99,9 +99,11 @@ def from_components(components: Components, *, backend: str = "torch", device: U
 
 def _assemble(components: Components, backend: str, device: torch.device, dtype: torch.dtype,
               graphed: bool, limits: Limits) -> "Pipeline":
+    from sdrt.sdxl_pipeline import pipeline_class  # SDXL's pipeline builds on this module
+    cls = pipeline_class(components, backend, graphed)
     components = prepare_backend(backend, components, device, dtype)
     log.info("loaded %s on %s/%s with the %s backend", components.source, device, dtype, backend)
-    pipe = Pipeline(components, device=device, dtype=dtype, backend=backend, limits=limits)
+    pipe = cls(components, device=device, dtype=dtype, backend=backend, limits=limits)
     if graphed:
         pipe.denoiser = DenoiseGraphs(GraphCache.for_device(device))
     return pipe
@@ -277,8 +279,8 @@ class Pipeline:
         schedule = sched.set_timesteps(steps, device=self.device, strength=start_strength)
         start = sched.start_index(steps, start_strength)
 
-        context = self._context(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts,
-                                num_images, cfg)
+        context, unet = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts,
+                                           num_images, cfg, (height, width), image_mode=init_image is not None)
         timer.lap("encode_prompt")
 
         start_state = self._prepare_latents(init_image, mask_px, latents, noise, shape, sched, schedule, start,
@@ -287,7 +289,7 @@ class Pipeline:
 
         total = len(schedule.timesteps) - start
         on_step = None if progress is None else (lambda i: progress(i - start + 1, total))
-        x = self.denoiser(self.unet, sched, schedule, start_state.latents, context, guidance, start,
+        x = self.denoiser(unet, sched, schedule, start_state.latents, context, guidance, start,
                           start_state.step_noise, condition=start_state.condition, blend=start_state.blend,
                           on_step=on_step)
         if not torch.isfinite(x).all():
@@ -366,6 +368,12 @@ class Pipeline:
         return len(_text_list("prompt", prompt))
 
     # -- stages
+    def _conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts: int,
+                      num_images: int, cfg: bool, size: tuple[int, int], image_mode: bool):
+        """-> (the context, the U-Net the loop calls as unet(x, t, context)); SDXL binds its added conditioning."""
+        return self._context(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts, num_images,
+                             cfg), self.unet
+
     def _encode_text(self, texts: list[str]) -> torch.Tensor:
         return self.text_encoder(self.tokenizer(texts).to(self.device))
 

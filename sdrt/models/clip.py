@@ -1,4 +1,5 @@
-"""CLIP text encoder: token ids -> last hidden state after the final layer norm.
+"""CLIP text encoder: token ids -> last hidden state after the final layer norm (and SDXL's readings:
+the penultimate layer, the pooled end-of-text state, its projection).
 
 One module covers SD 1.x (OpenAI ViT-L/14 text tower: quick_gelu, 12 layers, width 768) and SD 2.x
 (OpenCLIP ViT-H text tower as diffusers stores it: gelu, 23 layers, width 1024). Parameter names are
@@ -7,7 +8,7 @@ so those load with strict=True and no renaming beyond `checkpoint_state_dict`.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -100,10 +101,14 @@ class CLIPEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, keep: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """-> (the last layer's output, the output of layer `keep` (1-based; transformers' hidden_states[keep]))."""
+        kept = x if keep == 0 else None
+        for i, layer in enumerate(self.layers, 1):
             x = layer(x)
-        return x
+            if i == keep:
+                kept = x
+        return x, kept
 
 
 class CLIPTextTransformer(nn.Module):
@@ -113,8 +118,9 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.final_layer_norm(self.encoder(self.embeddings(input_ids)))
+    def forward(self, input_ids: torch.Tensor, keep: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        last, kept = self.encoder(self.embeddings(input_ids), keep)
+        return self.final_layer_norm(last), kept
 
 
 class CLIPTextModel(nn.Module):
@@ -131,7 +137,39 @@ class CLIPTextModel(nn.Module):
         self.text_model = CLIPTextTransformer(cfg)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_model(self._checked(input_ids))[0]
+
+    def _checked(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.dim() != 2 or input_ids.shape[1] > self.config.max_position_embeddings:
             raise InvalidInputError(f"input_ids must have shape [B, L] with L <= "
                                     f"{self.config.max_position_embeddings}, got {tuple(input_ids.shape)}")
-        return self.text_model(input_ids)
+        return input_ids
+
+    def penultimate(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's reading: (the second-to-last layer's output, no final norm [B, L, D]; the last hidden state)."""
+        last, kept = self.text_model(self._checked(input_ids), keep=self.config.num_hidden_layers - 1)
+        return kept, last
+
+    def pooled(self, last_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The last hidden state at each sequence's end-of-text token -> [B, D] (transformers' pooler_output)."""
+        ids = input_ids.to(torch.int)
+        eos = ids.argmax(-1) if self.config.eos_token_id == 2 else (ids == self.config.eos_token_id).int().argmax(-1)
+        return last_hidden[torch.arange(last_hidden.shape[0], device=last_hidden.device), eos.to(last_hidden.device)]
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """SDXL's second text encoder (OpenCLIP bigG): CLIPTextModel plus `text_projection` of the pooled output."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__(cfg)
+        self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def text_embeds(self, last_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """-> [B, projection_dim]: transformers' CLIPTextModelWithProjection(...).text_embeds."""
+        return self.text_projection(self.pooled(last_hidden, input_ids))
+
+
+def projection_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModelWithProjection checkpoint -> CLIPTextModelWithProjection's state dict."""
+    projection = {k: v for k, v in tensors.items() if k.startswith("text_projection.")}
+    return {**checkpoint_state_dict({k: v for k, v in tensors.items() if k not in projection}), **projection}
