@@ -81,7 +81,7 @@ def _load_folder(root: Path, dtype, device, tokenizer: Union[str, Path, None]) -
         return sdxl_components.load_sdxl_folder(root, index, dtype, device, tokenizer)
     if kind not in SUPPORTED_PIPELINES:
         raise ModelLoadError(f"{root / 'model_index.json'}: unsupported pipeline _class_name={kind!r} "
-                             f"(sdrt supports {', '.join(SUPPORTED_PIPELINES)})")
+                             f"(sdrt supports {', '.join(SUPPORTED_PIPELINES + sdxl_components.SDXL_PIPELINES)})")
     text_encoder, unet, vae = (load_component(root / name, name, dtype, device)
                                for name in ("text_encoder", "unet", "vae"))
     scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
