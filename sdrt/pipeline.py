@@ -40,6 +40,7 @@ from sdrt.models.clip import CLIPTextModel
 from sdrt.prompt_encoding import PromptOptions, check_prompt_options, encode_prompt_pair
 from sdrt.schedulers import make_scheduler
 from sdrt.seeds import NoiseSource, SeedArg
+from sdrt.textual_inversion import load_textual_inversion
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +311,13 @@ class Pipeline:
             images = self._decode(x, output, keep)
             timer.lap("decode")
         return GenerationResult(images=images, latents=x, seeds=noise.seeds, timings=timer.finish())
+
+    def load_textual_inversion(self, path: Union[str, Path], token: Optional[str] = None) -> str:
+        """Load an embedding file (A1111 .pt/.safetensors, kohya, diffusers learned_embeds; see
+        `sdrt.textual_inversion`) so prompts can use its token; returns the token (default: the file's own
+        for diffusers files, else the file's stem). Torch backend only."""
+        _check_path("path", path)
+        return load_textual_inversion(self.text_encoder, self.embedding_tokens, path, token, self.backend)
 
     def warmup(self, height: Optional[int] = None, width: Optional[int] = None, num_images: int = 1, *,
                steps: int = 30, scheduler: Optional[str] = "ddim", guidance_scale: float = 7.5, eta: float = 0.0,
