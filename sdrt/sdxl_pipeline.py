@@ -5,6 +5,9 @@ second encoder's projected pooled output is the U-Net's `text_embeds`. Without a
 model with force_zeros_for_empty_prompt (the base) uses zero negative embeddings, as diffusers does.
 Size/crop/aesthetic ids: see `sdrt.sdxl_conditioning`. Unset strength: diffusers' SDXL defaults (img2img 0.3,
 inpainting 0.9999).
+Prompts are encoded as diffusers' SDXL pipelines encode them: one 77-token window, truncated, the text taken
+literally; the SD pipeline's long-prompt chunking and `(word:1.3)` emphasis (`sdrt.prompt_encoding`) do not
+apply to SDXL yet, nor do clip_skip and textual inversion (refused).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 from sdrt.components import Components
 from sdrt.errors import InvalidInputError
 from sdrt.pipeline import GenerationResult, Pipeline, _check_tensor, _text_list
+from sdrt.prompt_encoding import PromptOptions, check_prompt_options
 from sdrt.sdxl_components import SDXLComponents
 from sdrt.sdxl_conditioning import ConditionedUNet, SDXLOptions, batched, check_pair, check_score, time_ids
 
@@ -89,8 +93,17 @@ class SDXLPipeline(Pipeline):
         penultimate, last = self.text_encoder_2.penultimate(ids)
         return torch.cat(states + [penultimate], dim=-1), self.text_encoder_2.text_embeds(last, ids)
 
+    def load_textual_inversion(self, path, token=None) -> str:
+        raise InvalidInputError("textual inversion is not supported for SDXL models yet")
+
+    def _prompt_options(self, clip_skip, prompt_chunking, emphasis) -> PromptOptions:
+        """SDXL encodes prompts as diffusers does (see the module docstring); clip_skip is not supported yet."""
+        if clip_skip not in (None, 0):
+            raise InvalidInputError(f"clip_skip is not supported for SDXL models yet, got {clip_skip!r}")
+        return check_prompt_options(prompt_chunking, emphasis, None, 1)
+
     def _conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts: int,
-                      num_images: int, cfg: bool, size: tuple[int, int], image_mode: bool):
+                      num_images: int, cfg: bool, options: PromptOptions, size: tuple[int, int], image_mode: bool):
         options = _OPTIONS.get()
         if prompt_embeds is None:
             cond, pooled = self._encode_text(_text_list("prompt", prompt))

@@ -8,7 +8,7 @@ so those load with strict=True and no renaming beyond `checkpoint_state_dict`.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -101,14 +101,11 @@ class CLIPEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, keep: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """-> (the last layer's output, the output of layer `keep` (1-based; transformers' hidden_states[keep]))."""
-        kept = x if keep == 0 else None
-        for i, layer in enumerate(self.layers, 1):
+    def forward(self, x: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
+        # clip_skip: leave out the last clip_skip layers (diffusers' clip_skip)
+        for layer in self.layers[:len(self.layers) - clip_skip]:
             x = layer(x)
-            if i == keep:
-                kept = x
-        return x, kept
+        return x
 
 
 class CLIPTextTransformer(nn.Module):
@@ -118,13 +115,14 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, keep: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        last, kept = self.encoder(self.embeddings(input_ids), keep)
-        return self.final_layer_norm(last), kept
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
+        return self.final_layer_norm(self.encoder(self.embeddings(input_ids), clip_skip))
 
 
 class CLIPTextModel(nn.Module):
-    """input_ids [B, L] (L <= max_position_embeddings, 77 for SD) -> last hidden state [B, L, hidden_size]."""
+    """input_ids [B, L] (L <= max_position_embeddings, 77 for SD) -> last hidden state [B, L, hidden_size].
+    clip_skip=N: the hidden state N layers before the last, through the final layer norm (diffusers' meaning;
+    A1111's "clip skip 2" is N=1)."""
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
@@ -136,8 +134,10 @@ class CLIPTextModel(nn.Module):
         self.config = cfg
         self.text_model = CLIPTextTransformer(cfg)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_model(self._checked(input_ids))[0]
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
+        if not 0 <= clip_skip < self.config.num_hidden_layers:
+            raise InvalidInputError(f"clip_skip must be in [0, {self.config.num_hidden_layers - 1}], got {clip_skip}")
+        return self.text_model(self._checked(input_ids), clip_skip)
 
     def _checked(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.dim() != 2 or input_ids.shape[1] > self.config.max_position_embeddings:
@@ -147,8 +147,9 @@ class CLIPTextModel(nn.Module):
 
     def penultimate(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """SDXL's reading: (the second-to-last layer's output, no final norm [B, L, D]; the last hidden state)."""
-        last, kept = self.text_model(self._checked(input_ids), keep=self.config.num_hidden_layers - 1)
-        return kept, last
+        model = self.text_model
+        penultimate = model.encoder(model.embeddings(self._checked(input_ids)), clip_skip=1)
+        return penultimate, model.final_layer_norm(model.encoder.layers[-1](penultimate))
 
     def pooled(self, last_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The last hidden state at each sequence's end-of-text token -> [B, D] (transformers' pooler_output)."""
