@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-import torch
 from torch import nn
 
 from sdrt.single_file import _find_rule, unet_rules
