@@ -4,12 +4,13 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import ContextManager, Optional, Union
 
 from sdrt.errors import InvalidInputError, LoraFileError, ModelLoadError
 from sdrt.lora.formats import parse_lora
 from sdrt.lora.fuser import LoraFuser
-from sdrt.lora.targets import TargetTable, torch_module
+from sdrt.lora.exported import ExportedWeights, is_exported
+from sdrt.lora.targets import COMPONENTS, Target, TargetTable, torch_module
 from sdrt.weights import read_tensors
 
 
@@ -18,6 +19,7 @@ class LoraMixin:
 
     _lora_fuser: Optional[LoraFuser] = None
     _lora_table: Optional[TargetTable] = None
+    _lora_exported: dict[str, ExportedWeights] = {}
 
     @property
     def loras(self) -> dict[str, float]:
@@ -42,7 +44,10 @@ class LoraMixin:
             tensors = read_tensors(path)
         except ModelLoadError as e:
             raise LoraFileError(f"LoRA {e}") from None
-        fuser.add(name, parse_lora(tensors, self._lora_table, path), scale)
+        layers = parse_lora(tensors, self._lora_table, path)
+        for component, exported in self._lora_exported.items():
+            exported.check([layer.target for layer in layers.values() if layer.target.component == component], path)
+        fuser.add(name, layers, scale)
         return name
 
     def set_lora_scale(self, name: str, scale: float) -> None:
@@ -61,11 +66,27 @@ class LoraMixin:
         _check_loaded(fuser, name)
         fuser.remove(name)
 
+    def batch_lora_changes(self) -> ContextManager[None]:
+        """A block whose LoRA calls are fused once, at its end: `with pipe.batch_lora_changes():
+        pipe.unload_lora("a"); pipe.load_lora(b)` rewrites each weight once instead of twice. Inside the block
+        the weights are not yet updated: generate after it."""
+        return self._fuser().batch()
+
     def _fuser(self) -> LoraFuser:
         if self._lora_fuser is None:
-            self._lora_table = TargetTable(torch_module(self.unet), torch_module(self.text_encoder))
+            table = TargetTable(torch_module(self.unet), torch_module(self.text_encoder))
+            # exported graphs (onnxruntime, tensorrt): their initializers found now, while the weights are
+            # still the ones exported
+            exported = {c: ExportedWeights(getattr(self, c), table.unique(c), c)
+                        for c in COMPONENTS if is_exported(getattr(self, c))}
+            self._lora_table, self._lora_exported = table, exported
             self._lora_fuser = LoraFuser()
+            self._lora_fuser.on_change = self._push_to_exported
         return self._lora_fuser
+
+    def _push_to_exported(self, changed: list[Target], restored: set[str]) -> None:
+        for component, exported in self._lora_exported.items():
+            exported.push([t for t in changed if t.component == component], restored)
 
 
 def _check_scale(scale) -> float:

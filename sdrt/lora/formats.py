@@ -40,8 +40,9 @@ class LayerDelta:
     """One layer's low-rank update; `delta()` is its float32 weight change at LoRA scale 1."""
 
     target: Target
-    factors: dict[str, torch.Tensor] = field(default_factory=dict)  # role -> tensor (see _KOHYA_ROLES)
+    factors: dict[str, torch.Tensor] = field(default_factory=dict)  # role -> float32 tensor beside the weight
     keys: dict[str, str] = field(default_factory=dict)              # role -> the file's key, for messages
+    alpha: Optional[float] = None
 
     @property
     def kind(self) -> str:
@@ -51,12 +52,11 @@ class LayerDelta:
         return self.factors["w1b" if self.kind == "loha" else "down"].shape[0]
 
     def scale(self) -> float:
-        alpha = self.factors.get("alpha")
-        return 1.0 if alpha is None else float(alpha) / self.rank()
+        return 1.0 if self.alpha is None else self.alpha / self.rank()
 
     def delta(self) -> torch.Tensor:
         """[out, in] or [out, in, kh, kw] float32 on the factors' device, alpha/rank applied."""
-        f = {k: v.float() for k, v in self.factors.items() if k != "alpha"}
+        f = self.factors
         shape = self.target.weight.shape
         if self.kind == "lora":
             up, down = f["up"].flatten(1), f["down"]
@@ -67,6 +67,27 @@ class LayerDelta:
         else:
             d = _hada(f["w1a"], f["w1b"], f.get("t1")) * _hada(f["w2a"], f["w2b"], f.get("t2"))
         return d.reshape(shape) * self.scale()
+
+
+    def write_sum(self, out: torch.Tensor, base: torch.Tensor, scale: float) -> None:
+        """out = base + scale * delta(), for float32 tensors of the target's shape (one pass for a plain LoRA)."""
+        f = self.factors
+        if self.kind == "lora" and "mid" not in f and out.is_contiguous() and base.is_contiguous():
+            torch.addmm(base.view(base.shape[0], -1), f["up"].flatten(1), f["down"].flatten(1),
+                        alpha=scale * self.scale(), out=out.view(out.shape[0], -1))
+        else:
+            out.copy_(base)
+            out.add_(self.delta(), alpha=scale)
+
+    def add_to(self, weight: torch.Tensor, scale: float) -> None:
+        """weight += scale * delta(), in place on a float32 tensor of the target's shape (a plain LoRA as
+        one addmm, with no full-size temporary)."""
+        f = self.factors
+        if self.kind == "lora" and "mid" not in f and weight.is_contiguous():
+            flat = weight.view(weight.shape[0], -1)
+            flat.addmm_(f["up"].flatten(1), f["down"].flatten(1), alpha=scale * self.scale())
+        else:
+            weight.add_(self.delta(), alpha=scale)
 
 
 def _hada(a: torch.Tensor, b: torch.Tensor, t: Optional[torch.Tensor]) -> torch.Tensor:
@@ -81,9 +102,16 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], table: TargetTable, source: 
     for key, value in tensors.items():
         target, role = _resolve(key, table, source)
         layer = layers.setdefault(target.name, LayerDelta(target))
-        if role in layer.factors:
+        if role in layer.keys:
             raise LoraFileError(f"{source}: {key!r} and {layer.keys[role]!r} both set {role} of {target.name}")
-        layer.factors[role], layer.keys[role] = value, key
+        layer.keys[role] = key
+        if not value.is_floating_point() or (role == "alpha" and value.numel() != 1):
+            raise LoraFileError(f"{source}: {key!r} must be a floating-point "
+                                f"{'scalar' if role == 'alpha' else 'tensor'}, got {value.dtype} {tuple(value.shape)}")
+        if role == "alpha":
+            layer.alpha = float(value)
+        else:  # float32 beside the weight, so a re-fuse is a few small matmuls
+            layer.factors[role] = value.to(target.weight.device, torch.float32)
     if not layers:
         raise LoraFileError(f"{source}: no LoRA tensors in this file")
     for layer in layers.values():
@@ -123,25 +151,25 @@ def _resolve(key: str, table: TargetTable, source: Path) -> tuple[Target, str]:
 
 def _check(layer: LayerDelta, source: Path) -> None:
     """Every factor present and of a shape whose product is the target's weight shape."""
-    roles, name, shape = set(layer.factors) - {"alpha", "mid", "t1", "t2"}, layer.target.name, layer.target.weight.shape
+    roles, name, shape = set(layer.factors) - {"mid", "t1", "t2"}, layer.target.name, layer.target.weight.shape
     needed = _LOHA_ROLES if roles & _LOHA_ROLES else _LORA_ROLES
     if roles != needed:
         missing = ", ".join(sorted(needed - roles)) or "none"
         raise LoraFileError(f"{source}: layer {name} has LoRA parts {', '.join(sorted(roles))}; missing {missing}")
+    if layer.alpha is not None and not math.isfinite(layer.alpha):
+        raise LoraFileError(f"{source}: {layer.keys['alpha']!r} is {layer.alpha}, not a finite number")
     for role, t in layer.factors.items():
-        if not t.is_floating_point() or (role == "alpha" and t.numel() != 1):
-            raise LoraFileError(f"{source}: {layer.keys[role]!r} must be a floating-point "
-                                f"{'scalar' if role == 'alpha' else 'tensor'}, got {t.dtype} {tuple(t.shape)}")
-        if role != "alpha" and not torch.isfinite(t).all():
+        # one float32 sum: NaN or inf anywhere makes it non-finite (fp16 values cannot overflow it)
+        if not torch.isfinite(t.sum()):
             raise LoraFileError(f"{source}: {layer.keys[role]!r} holds NaN or inf")
     try:
         with torch.device("meta"):
-            meta = LayerDelta(layer.target, {k: v.to("meta") for k, v in layer.factors.items() if k != "alpha"})
+            meta = LayerDelta(layer.target, {k: v.to("meta") for k, v in layer.factors.items()})
             got = _meta_delta_shape(meta)
     except RuntimeError:
         got = None
     if got is None or math.prod(got) != math.prod(shape) or got[0] != shape[0]:
-        parts = ", ".join(f"{layer.keys[r]} {tuple(t.shape)}" for r, t in layer.factors.items() if r != "alpha")
+        parts = ", ".join(f"{layer.keys[r]} {tuple(t.shape)}" for r, t in layer.factors.items())
         raise LoraFileError(f"{source}: LoRA for {name} does not fit its weight {tuple(shape)}: {parts}")
 
 

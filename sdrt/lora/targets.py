@@ -55,6 +55,10 @@ class TargetTable:
     def module(self, component: str, name: str) -> Union[Target, None]:
         return self.modules[component].get(name)
 
+    def unique(self, component: str) -> list[Target]:
+        """The component's targets, each once (the table also holds them under alias names)."""
+        return list({t.name: t for t in self.modules[component].values()}.values())
+
 
 def _flat(name: str) -> str:
     return name.replace(".", "_")
