@@ -175,7 +175,7 @@ def test_bad_fields_are_a_422_naming_the_field(server, fields, field):
 def test_messages_say_what_is_allowed(server):
     sampler = _txt2img(server, sampler_name="DPM++ SDE").json()["detail"][0]["msg"]
     assert "Euler a" in sampler and "DPM++ 2M Karras" in sampler
-    assert "this server has no LoRA folder" in _txt2img(server, prompt="<lora:x:1>").json()["detail"][0]["msg"]
+    assert "LoRA support is not available" in _txt2img(server, prompt="<lora:x:1>").json()["detail"][0]["msg"]
 
 
 def test_size_limits_are_a_413(server):
