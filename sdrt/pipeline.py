@@ -36,8 +36,11 @@ from sdrt.denoise import LatentBlend, denoise
 from sdrt.errors import InvalidInputError, ModelLoadError, NumericalError
 from sdrt.graphs import DenoiseGraphs, GraphCache
 from sdrt.guidance import uses_cfg
+from sdrt.models.clip import CLIPTextModel
+from sdrt.prompt_encoding import PromptOptions, check_prompt_options, encode_prompt_pair
 from sdrt.schedulers import make_scheduler
 from sdrt.seeds import NoiseSource, SeedArg
+from sdrt.textual_inversion import load_textual_inversion
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +227,8 @@ class Pipeline:
         self.native_size = (side, side)  # (height, width) the model was trained at
         # the loop runner: `denoise` itself, or a `DenoiseGraphs` replaying captured loops (same signature)
         self.denoiser: Callable[..., torch.Tensor] = denoise
+        self.embedding_tokens: dict[str, list[int]] = {}  # textual inversion: token -> its vectors' ids
+        self.text_layers = components.text_encoder.config.num_hidden_layers  # clip_skip's bound
 
     def __repr__(self) -> str:
         return f"Pipeline(model={self.model!r}, backend={self.backend!r}, device={self.device}, dtype={self.dtype})"
@@ -234,12 +239,17 @@ class Pipeline:
                  height: Optional[int] = None, width: Optional[int] = None, num_images: int = 1, seed: SeedArg = None,
                  image: Any = None, strength: Optional[float] = None, mask: Any = None, latents: Optional[torch.Tensor] = None,
                  prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_embeds: Optional[torch.Tensor] = None,
-                 output: str = "pil", progress: Optional[Callable[[int, int], None]] = None) -> GenerationResult:
+                 output: str = "pil", progress: Optional[Callable[[int, int], None]] = None,
+                 clip_skip: Optional[int] = None, prompt_chunking: bool = True,
+                 emphasis: str = "original") -> GenerationResult:
         """Generate images; `progress(done, total)` is called after every denoising step.
         strength: how much of the image to redo, in [0, 1]; None = diffusers' default for the mode
         (img2img 0.8, inpainting 1.0).
         guidance_scale: one number, or a list with one per prompt (all > 1 or all <= 1): each prompt's images
         are then the same as in a call of their own with that scale and their seeds (a seed list).
+        Prompts (see `sdrt.prompt_encoding`): longer than 75 tokens they are encoded in 75-token chunks
+        (prompt_chunking=False truncates instead); `(word:1.3)` emphasis per `emphasis` ("original" | "no_norm"
+        | "none"); clip_skip=N uses the text encoder's hidden state N layers before the last.
         See the module docstring for the modes and README.md for the contract."""
         timer = _PhaseTimer(self.device)
         steps = check_steps(steps, self.limits)
@@ -250,6 +260,7 @@ class Pipeline:
         strength = strength_or_default(strength, inpainting=mask is not None)
         output = check_output(output)
         cfg = uses_cfg(guidance)
+        prompt_options = self._prompt_options(clip_skip, prompt_chunking, emphasis)
         sched = make_scheduler(scheduler, self.scheduler_config, eta)
 
         init_image = None if image is None else imgs.image_to_tensor(image)  # [1, 3, H, W] in [0, 1]
@@ -278,7 +289,7 @@ class Pipeline:
         start = sched.start_index(steps, start_strength)
 
         context = self._context(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts,
-                                num_images, cfg)
+                                num_images, cfg, prompt_options)
         timer.lap("encode_prompt")
 
         start_state = self._prepare_latents(init_image, mask_px, latents, noise, shape, sched, schedule, start,
@@ -300,6 +311,13 @@ class Pipeline:
             images = self._decode(x, output, keep)
             timer.lap("decode")
         return GenerationResult(images=images, latents=x, seeds=noise.seeds, timings=timer.finish())
+
+    def load_textual_inversion(self, path: Union[str, Path], token: Optional[str] = None) -> str:
+        """Load an embedding file (A1111 .pt/.safetensors, kohya, diffusers learned_embeds; see
+        `sdrt.textual_inversion`) so prompts can use its token; returns the token (default: the file's own
+        for diffusers files, else the file's stem). Torch backend only."""
+        _check_path("path", path)
+        return load_textual_inversion(self.text_encoder, self.embedding_tokens, path, token, self.backend)
 
     def warmup(self, height: Optional[int] = None, width: Optional[int] = None, num_images: int = 1, *,
                steps: int = 30, scheduler: Optional[str] = "ddim", guidance_scale: float = 7.5, eta: float = 0.0,
@@ -365,15 +383,31 @@ class Pipeline:
             raise InvalidInputError("prompt is required (a string or a list of strings), or pass prompt_embeds")
         return len(_text_list("prompt", prompt))
 
-    # -- stages
-    def _encode_text(self, texts: list[str]) -> torch.Tensor:
-        return self.text_encoder(self.tokenizer(texts).to(self.device))
+    def _prompt_options(self, clip_skip, prompt_chunking, emphasis) -> PromptOptions:
+        options = check_prompt_options(prompt_chunking, emphasis, clip_skip, self.text_layers)
+        if options.clip_skip and not isinstance(self.text_encoder, CLIPTextModel):
+            raise InvalidInputError(f"clip_skip needs the torch backend (the {self.backend} backend's text encoder "
+                                    f"returns only the last layer)")
+        return options
 
+    # -- stages
     def _context(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts: int,
-                 num_images: int, cfg: bool) -> torch.Tensor:
-        """[B, 77, D], or [2B, 77, D] = [uncond; cond] under CFG, each prompt repeated num_images times."""
-        cond = self._encode_text(_text_list("prompt", prompt)) if prompt_embeds is None else prompt_embeds
-        cond = cond.to(self.device, self.dtype)
+                 num_images: int, cfg: bool, options: PromptOptions) -> torch.Tensor:
+        """[B, 77k, D], or [2B, 77k, D] = [uncond; cond] under CFG, each prompt repeated num_images times;
+        k chunks of 77 (`sdrt.prompt_encoding`), one k for prompts and negatives."""
+        texts = _text_list("prompt", prompt) if prompt_embeds is None else None
+        negatives = None
+        if cfg and negative_prompt_embeds is None:
+            negatives = [""] * n_prompts if negative_prompt is None else _text_list("negative_prompt", negative_prompt)
+            if len(negatives) == 1 and n_prompts > 1:
+                negatives = negatives * n_prompts
+            if len(negatives) != n_prompts:
+                raise InvalidInputError(f"negative_prompt must be one string or one per prompt ({n_prompts}), "
+                                        f"got {len(negatives)}")
+        min_chunks = 1 if prompt_embeds is None else max(1, prompt_embeds.shape[1] // self.tokenizer.model_max_length)
+        cond, uncond = encode_prompt_pair(self.text_encoder, self.tokenizer, texts, negatives, options,
+                                          self.embedding_tokens, self.device, min_chunks)
+        cond = (prompt_embeds if cond is None else cond).to(self.device, self.dtype)
         if not cfg:
             return cond.repeat_interleave(num_images, dim=0)
         if negative_prompt_embeds is not None:
@@ -382,13 +416,6 @@ class Pipeline:
                                         f"{list(cond.shape)}")
             uncond = negative_prompt_embeds
         else:
-            negatives = [""] * n_prompts if negative_prompt is None else _text_list("negative_prompt", negative_prompt)
-            if len(negatives) == 1 and n_prompts > 1:
-                negatives = negatives * n_prompts
-            if len(negatives) != n_prompts:
-                raise InvalidInputError(f"negative_prompt must be one string or one per prompt ({n_prompts}), "
-                                        f"got {len(negatives)}")
-            uncond = self._encode_text(negatives)
             if uncond.shape[1:] != cond.shape[1:]:
                 raise InvalidInputError(f"prompt_embeds have {cond.shape[1]} tokens but the negative prompt encodes "
                                         f"to {uncond.shape[1]}: pass negative_prompt_embeds of prompt_embeds' shape")

@@ -186,6 +186,10 @@ class CLIPTokenizer:
             return cls(*_read_tokenizer_json(path / "tokenizer.json"), **options)
         return cls.from_files(path / "vocab.json", path / "merges.txt", **options)
 
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids without BOS/EOS, padding or truncation (for chunking long prompts)."""
+        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
     def __call__(self, prompts: Union[str, list[str]]) -> torch.Tensor:
         if isinstance(prompts, str):
             prompts = [prompts]

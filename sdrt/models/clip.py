@@ -100,8 +100,9 @@ class CLIPEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
+        # clip_skip: leave out the last clip_skip layers (diffusers' clip_skip)
+        for layer in self.layers[:len(self.layers) - clip_skip]:
             x = layer(x)
         return x
 
@@ -113,12 +114,14 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.final_layer_norm(self.encoder(self.embeddings(input_ids)))
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
+        return self.final_layer_norm(self.encoder(self.embeddings(input_ids), clip_skip))
 
 
 class CLIPTextModel(nn.Module):
-    """input_ids [B, L] (L <= max_position_embeddings, 77 for SD) -> last hidden state [B, L, hidden_size]."""
+    """input_ids [B, L] (L <= max_position_embeddings, 77 for SD) -> last hidden state [B, L, hidden_size].
+    clip_skip=N: the hidden state N layers before the last, through the final layer norm (diffusers' meaning;
+    A1111's "clip skip 2" is N=1)."""
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
@@ -130,8 +133,10 @@ class CLIPTextModel(nn.Module):
         self.config = cfg
         self.text_model = CLIPTextTransformer(cfg)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
+        if not 0 <= clip_skip < self.config.num_hidden_layers:
+            raise InvalidInputError(f"clip_skip must be in [0, {self.config.num_hidden_layers - 1}], got {clip_skip}")
         if input_ids.dim() != 2 or input_ids.shape[1] > self.config.max_position_embeddings:
             raise InvalidInputError(f"input_ids must have shape [B, L] with L <= "
                                     f"{self.config.max_position_embeddings}, got {tuple(input_ids.shape)}")
-        return self.text_model(input_ids)
+        return self.text_model(input_ids, clip_skip)

@@ -1,7 +1,7 @@
 """UNet2DConditionModel for SD 1.x / 2.x: noise (or v) prediction from (latents, timestep, text context)."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +157,29 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+def embed_timestep(time_embedding: TimestepEmbedding, cfg: UNetConfig, timestep: Union[torch.Tensor, float, int],
+                   sample: torch.Tensor) -> torch.Tensor:
+    """The time embedding [1 or B, 4 * C0] of `timestep` (scalar or [B]) for `sample` [B, ...]."""
+    if not torch.is_tensor(timestep):
+        timestep = torch.tensor(timestep, device=sample.device)
+    # a scalar timestep is embedded once ([1, T], broadcast by the blocks): a sample's numbers then do not
+    # depend on the batch size (a CPU matmul of a few rows picks its kernel by the row count)
+    timesteps = timestep.reshape(1) if timestep.dim() == 0 else timestep.reshape(-1).expand(sample.shape[0])
+    t_emb = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+    return time_embedding(t_emb.to(sample.dtype))
+
+
+def encode(model: nn.Module, x: torch.Tensor, temb: torch.Tensor,
+           context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The encoder half shared by the U-Net and the ControlNet: `model.down_blocks` then `model.mid_block` on
+    x (conv_in's output) -> (mid block output, every skip: conv_in's output, then each block's)."""
+    skips = [x]
+    for block in model.down_blocks:
+        x, block_skips = block(x, temb, context)
+        skips.extend(block_skips)
+    return model.mid_block(x, temb, context), skips
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -180,24 +203,17 @@ class UNet(nn.Module):
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps, silu=True)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int],
-                context: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int], context: torch.Tensor,
+                down_residuals: Optional[Sequence[torch.Tensor]] = None,
+                mid_residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         # sample: [B, in_channels, h, w]; timestep: scalar or [B]; context: [B, 77, cross_attention_dim]
-        if not torch.is_tensor(timestep):
-            timestep = torch.tensor(timestep, device=sample.device)
-        # a scalar timestep is embedded once ([1, T], broadcast by the blocks): a sample's numbers then do not
-        # depend on the batch size (a CPU matmul of a few rows picks its kernel by the row count)
-        timesteps = timestep.reshape(1) if timestep.dim() == 0 else timestep.reshape(-1).expand(sample.shape[0])
-        t_emb = timestep_embedding(timesteps, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
-                                   self.config.freq_shift)
-        temb = self.time_embedding(t_emb.to(sample.dtype))
-
-        x = self.conv_in(sample)
-        skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, temb, context)
-            skips.extend(block_skips)
-        x = self.mid_block(x, temb, context)
+        # down_residuals / mid_residual: a ControlNet's additions to every skip and to the mid block's output
+        temb = embed_timestep(self.time_embedding, self.config, timestep, sample)
+        x, skips = encode(self, self.conv_in(sample), temb, context)
+        if down_residuals is not None:
+            skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
+        if mid_residual is not None:
+            x = x + mid_residual
         n = self.config.layers_per_block + 1
         for block in self.up_blocks:
             block_skips, skips = skips[-n:], skips[:-n]

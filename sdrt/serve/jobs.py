@@ -14,6 +14,7 @@ from typing import Hashable, Optional
 import PIL.Image
 
 from sdrt.guidance import uses_cfg
+from sdrt.prompt_encoding import surely_one_chunk
 
 MODES = ("txt2img", "img2img", "inpaint")
 
@@ -48,9 +49,12 @@ def batch_key(job: GenerationJob) -> Optional[Hashable]:
     Shared per call: mode, size, steps, scheduler and eta, guidance on/off (a scale > 1 adds the
     unconditional half), the LoRA set (fused into the weights), and for img2img the picture and strength
     (the pipeline takes one input image). Inpainting always runs alone, one image per call: the pipeline
-    encodes its input with the first image's generator, which would tie an image to its batch's first seed."""
+    encodes its input with the first image's generator, which would tie an image to its batch's first seed.
+    A prompt or negative prompt that may need more than one 75-token chunk runs alone too."""
     if job.mode == "inpaint":
         return None
+    if not (surely_one_chunk(job.prompt) and surely_one_chunk(job.negative_prompt)):
+        return None  # a batch shares one chunk count: padding a prompt with empty chunks would change its picture
     key = (job.mode, job.width, job.height, job.steps, job.scheduler, job.eta, uses_cfg(job.guidance_scale),
            job.loras)
     if job.mode == "img2img":
