@@ -115,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
     pipe_limits = sdrt.Limits(max_images=max(args.max_images, args.max_batch), max_steps=args.max_steps,
                               max_pixels=args.max_pixels)
     pipe = sdrt.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype, limits=pipe_limits)
+    train_steps = int(pipe.scheduler_config.get("num_train_timesteps", 1000))
+    if args.max_steps > train_steps:  # a request over it would fail inside the worker, a 500 instead of a 422
+        raise InvalidInputError(f"--max-steps {args.max_steps}: this model's schedulers take at most {train_steps} steps")
     loras = LoraLibrary(args.lora_dir, available=has_lora_api(pipe))
     if args.lora_dir is not None and not loras.available:
         log.warning("--lora-dir given, but this sdrt build has no LoRA support: requests naming a LoRA get 422")
