@@ -18,10 +18,12 @@ setup(
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "gpu": ["onnxruntime-gpu", "tensorrt"],
         "serve": ["fastapi", "uvicorn", "prometheus_client"],
+        "ray": ["ray[serve]", "fastapi", "uvicorn", "prometheus_client"],
         # everything the test suite exercises on a CPU-only machine
         "test": ["pytest", "pytest-benchmark", "diffusers", "transformers", "accelerate", "matplotlib",
                  "triton", "onnx", "onnxruntime", "onnxscript",
-                 "fastapi", "uvicorn", "prometheus_client", "httpx", "webuiapi", "openai", "peft"],
+                 "fastapi", "uvicorn", "prometheus_client", "httpx", "webuiapi", "openai", "peft",
+                 "ray[serve]", "pyyaml"],
     },
     entry_points={"console_scripts": ["sdrt=sdrt.cli:main"]},
 )
