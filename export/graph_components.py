@@ -5,7 +5,7 @@ outputs as a list (an ONNX Runtime session, a TensorRT engine). Configs come fro
 """
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -15,16 +15,18 @@ Runner = Callable[..., list[torch.Tensor]]
 
 
 class GraphTextEncoder:
-    def __init__(self, runner: Runner, config):
-        self.runner, self.config = runner, config
+    def __init__(self, runner: Runner, config, module: Optional[torch.nn.Module] = None):
+        # module: the torch module the graph was exported from, kept so its weights can change (LoRA)
+        self.runner, self.config, self.module = runner, config, module
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.runner(input_ids=input_ids)[0]
 
 
 class GraphUNet:
-    def __init__(self, runner: Runner, config):
-        self.runner, self.config = runner, config
+    def __init__(self, runner: Runner, config, module: Optional[torch.nn.Module] = None):
+        # module: the torch module the graph was exported from, kept so its weights can change (LoRA)
+        self.runner, self.config, self.module = runner, config, module
 
     def __call__(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int],
                  context: torch.Tensor) -> torch.Tensor:
@@ -53,7 +55,7 @@ class GraphVAE:
 def graph_components(components: Components, runners: dict[str, Runner]) -> Components:
     """`components` with the models replaced by `runners` (keyed by contract name); tokenizer kept."""
     return Components(components.tokenizer,
-                      GraphTextEncoder(runners["text_encoder"], components.text_encoder.config),
-                      GraphUNet(runners["unet"], components.unet.config),
+                      GraphTextEncoder(runners["text_encoder"], components.text_encoder.config, components.text_encoder),
+                      GraphUNet(runners["unet"], components.unet.config, components.unet),
                       GraphVAE(runners["vae_encoder"], runners["vae_decoder"], components.vae.config),
                       components.scheduler_config, components.source)

@@ -49,7 +49,7 @@ from sdrt.export.weights_digest import weights_digest
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: the U-Net's context has a dynamic length (77 per prompt chunk)
 DEFAULT_OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}

@@ -36,6 +36,7 @@ from sdrt.denoise import LatentBlend, denoise
 from sdrt.errors import InvalidInputError, ModelLoadError, NumericalError
 from sdrt.graphs import DenoiseGraphs, GraphCache
 from sdrt.guidance import uses_cfg
+from sdrt.lora import LoraMixin
 from sdrt.models.clip import CLIPTextModel
 from sdrt.prompt_encoding import PromptOptions, check_prompt_options, encode_prompt_pair
 from sdrt.schedulers import make_scheduler
@@ -210,7 +211,7 @@ def _guidance_per_image(guidance: Union[float, list[float]], n_prompts: int, num
     return [g for g in guidance for _ in range(num_images)]
 
 
-class Pipeline:
+class Pipeline(LoraMixin):
     """One loaded model on one backend. Call it to generate; see `sdrt.load`."""
 
     def __init__(self, components: Components, *, device: torch.device, dtype: torch.dtype, backend: str,

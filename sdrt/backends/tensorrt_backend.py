@@ -55,5 +55,7 @@ def prepare_engines(components: Components, device: torch.device, dtype: torch.d
     engines = {name: Engine(load_or_build(export, contract, profile, flags, cache_dir), contract, device,
                             cuda_graph=profile.is_static)
                for name, contract in contracts_for(components).items()}
+    for name, engine in engines.items():
+        engine.onnx_path = export.path(name)  # where a refit (LoRA) finds each weight's initializer name
     log.info("tensorrt backend: %s engines from %s", flags, cache_dir)
     return graph_components(components, engines)

@@ -58,7 +58,8 @@ class LoraLibrary:
         if not self.available:
             raise InvalidInputError("LoRA support is not available in this sdrt build: remove the <lora:...> tags")
         if self.folder is None:
-            raise InvalidInputError("this server has no LoRA folder (sdrt serve --lora-dir): remove the <lora:...> tags")
+            raise InvalidInputError("LoRA support is not available on this server: it has no LoRA folder (sdrt serve "
+                                    "--lora-dir); remove the <lora:...> tags")
         unknown = [name for name, _ in loras if name not in self.files]
         if unknown:
             known = ", ".join(sorted(self.files)) or "none"
