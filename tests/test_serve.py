@@ -64,7 +64,7 @@ def server():
 @pytest.fixture(scope="module")
 def guarded():
     """One image per batch, a queue of 2, an API key."""
-    with ServerProcess(["--max-batch", "1", "--queue", "2", "--api-key-env", "SDRT_TEST_KEY", "--max-steps", "2000"],
+    with ServerProcess(["--max-batch", "1", "--queue", "2", "--api-key-env", "SDRT_TEST_KEY", "--max-steps", "1000"],
                        env={"SDRT_TEST_KEY": KEY}) as process:
         yield process
 
