@@ -31,11 +31,11 @@ def _tokenizer(pad: str):
                          pad_token=pad, model_max_length=77)
 
 
-def sdxl_unet(refiner: bool = False, seed: int = 0):
+def sdxl_unet(refiner: bool = False, seed: int = 0, in_channels: int = 4):
     from diffusers import UNet2DConditionModel
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2), attention_head_dim=(1, 1), use_linear_projection=True,
         norm_num_groups=32, cross_attention_dim=64 if refiner else 128, addition_embed_type="text_time",
@@ -43,14 +43,15 @@ def sdxl_unet(refiner: bool = False, seed: int = 0):
         projection_class_embeddings_input_dim=PROJECTION + (5 if refiner else 6) * TIME_DIM)
 
 
-def diffusers_sdxl(refiner: bool = False, seed: int = 0, inpaint: bool = False):
+def diffusers_sdxl(refiner: bool = False, seed: int = 0, inpaint: bool = False, in_channels: int = 4):
     """A random-weight StableDiffusionXLPipeline (refiner: StableDiffusionXLImg2ImgPipeline with the second
-    encoder only and aesthetic-score conditioning; inpaint: StableDiffusionXLInpaintPipeline)."""
+    encoder only and aesthetic-score conditioning; inpaint: StableDiffusionXLInpaintPipeline, with
+    in_channels=9 the inpainting U-Net of SDXL inpainting 0.1)."""
     import diffusers
     from diffusers import AutoencoderKL, EulerDiscreteScheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    unet = sdxl_unet(refiner, seed)
+    unet = sdxl_unet(refiner, seed, in_channels)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32,
@@ -70,9 +71,9 @@ def diffusers_sdxl(refiner: bool = False, seed: int = 0, inpaint: bool = False):
     return pipe.to(torch.float32)
 
 
-def save_sdxl(path: Path, refiner: bool = False, seed: int = 0):
+def save_sdxl(path: Path, refiner: bool = False, seed: int = 0, inpaint: bool = False, in_channels: int = 4):
     """Save a tiny SDXL pipeline as a diffusers folder at `path`; returns the diffusers pipeline."""
-    pipe = diffusers_sdxl(refiner, seed)
+    pipe = diffusers_sdxl(refiner, seed, inpaint, in_channels)
     pipe.save_pretrained(str(path), safe_serialization=True)
     for folder in ("tokenizer", "tokenizer_2"):  # transformers 5 writes only tokenizer.json
         if (Path(path) / folder).is_dir():
