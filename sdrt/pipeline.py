@@ -269,7 +269,8 @@ class Pipeline(LoraMixin):
 
         image_latents = imgs.latent_image(image)  # latents given as the image (a [n, 4, h, w] tensor), or None
         init_image = None if image is None or image_latents is not None else imgs.image_to_tensor(image)  # [1, 3, H, W]
-        height, width = self._size(height, width, None if image is None else self._image_size(init_image, image_latents))
+        image_size = None if image is None else self._image_size(init_image, image_latents)
+        height, width = self._size(height, width, image_size)
         if mask is not None and image is None:
             raise InvalidInputError("mask needs image: pass the image to inpaint as image=")
         if mask is not None and image_latents is not None:
@@ -294,7 +295,8 @@ class Pipeline(LoraMixin):
             raise InvalidInputError(f"latents given as image= must hold {'1 or ' * (batch > 1)}{batch} (one per "
                                     f"image) latents, got {image_latents.shape[0]}")
         noise = NoiseSource(seed, batch)
-        schedule, start, add_noise = self._timesteps(sched, steps, 1.0 if image is None else strength, image is not None)
+        schedule, start, add_noise = self._timesteps(sched, steps, 1.0 if image is None else strength,
+                                                     image is not None)
 
         context, unet = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts,
                                            num_images, cfg, prompt_options, (height, width),
