@@ -273,10 +273,14 @@ class Pipeline(LoraMixin):
         prompt_options = self._prompt_options(clip_skip, prompt_chunking, emphasis)
         sched = make_scheduler(scheduler, self.scheduler_config, eta)
 
-        init_image = None if image is None else imgs.image_to_tensor(image)  # [1, 3, H, W] in [0, 1]
-        height, width = self._size(height, width, init_image)
-        if mask is not None and init_image is None:
+        image_latents = imgs.latent_image(image)  # latents given as the image (a [n, 4, h, w] tensor), or None
+        init_image = None if image is None or image_latents is not None else imgs.image_to_tensor(image)  # [1, 3, H, W]
+        image_size = None if image is None else self._image_size(init_image, image_latents)
+        height, width = self._size(height, width, image_size)
+        if mask is not None and image is None:
             raise InvalidInputError("mask needs image: pass the image to inpaint as image=")
+        if mask is not None and image_latents is not None:
+            raise InvalidInputError("inpainting needs a pixel image, got latents (a 4-channel tensor) as image=")
         if self.is_inpainting_model and mask is None:
             raise InvalidInputError(f"{self.model} is a 9-channel inpainting model: pass image= and mask=")
         mask_px = None if mask is None else imgs.mask_to_tensor(mask, height, width)  # [1, 1, H, W] of 0/1
@@ -293,19 +297,21 @@ class Pipeline(LoraMixin):
                                     f"{list(latents.shape) if torch.is_tensor(latents) else type(latents).__name__}")
         if latents is not None:
             _check_tensor("latents", latents)
+        if image_latents is not None and image_latents.shape[0] not in (1, batch):
+            raise InvalidInputError(f"latents given as image= must hold {'1 or ' * (batch > 1)}{batch} (one per "
+                                    f"image) latents, got {image_latents.shape[0]}")
         noise = NoiseSource(seed, batch)
-        start_strength = 1.0 if init_image is None else strength
-        schedule = sched.set_timesteps(steps, device=self.device, strength=start_strength)
-        start = sched.start_index(steps, start_strength)
+        schedule, start, add_noise = self._timesteps(sched, steps, 1.0 if image is None else strength,
+                                                     image is not None)
 
         self._sync_tag_loras(tag_loras)
         context, unet = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts,
                                            num_images, cfg, prompt_options, (height, width),
-                                           image_mode=init_image is not None)
+                                           image_mode=image is not None)
         timer.lap("encode_prompt")
 
-        start_state = self._prepare_latents(init_image, mask_px, latents, noise, shape, sched, schedule, start,
-                                            strength, cfg)
+        start_state = self._prepare_latents(init_image, image_latents, mask_px, latents, noise, shape, sched, schedule,
+                                            start, strength, cfg, add_noise)
         timer.lap("prepare_latents")
 
         total = len(schedule.timesteps) - start
@@ -360,10 +366,16 @@ class Pipeline(LoraMixin):
             advice += f"; compare this backend with the reference: sdrt check --backend {self.backend}"
         return advice
 
-    def _size(self, height, width, init_image) -> tuple[int, int]:
-        multiple = max(8, self.vae_scale_factor)
+    def _image_size(self, init_image: Optional[torch.Tensor], image_latents: Optional[torch.Tensor]) -> tuple[int, int]:
+        """(height, width) in pixels of the image given: pixels, or latents (their size x the VAE factor)."""
         if init_image is not None:
-            ih, iw = init_image.shape[-2:]
+            return tuple(init_image.shape[-2:])
+        return tuple(side * self.vae_scale_factor for side in image_latents.shape[-2:])
+
+    def _size(self, height, width, image_size: Optional[tuple[int, int]]) -> tuple[int, int]:
+        multiple = max(8, self.vae_scale_factor)
+        if image_size is not None:
+            ih, iw = image_size
             for name, want, got in (("height", height, ih), ("width", width, iw)):
                 if want is not None and want != got:
                     raise InvalidInputError(f"{name}={want} differs from the image's {name} {got}; "
@@ -440,22 +452,34 @@ class Pipeline(LoraMixin):
         uncond = uncond.to(self.device, self.dtype)
         return torch.cat([uncond.repeat_interleave(num_images, dim=0), cond.repeat_interleave(num_images, dim=0)])
 
-    def _prepare_latents(self, init_image, mask_px, latents, noise: NoiseSource, shape, sched, schedule,
-                         start: int, strength: float, cfg: bool) -> "_StartState":
-        """The loop's start: txt2img noise, img2img's noised image latents, or inpainting's latents with its
-        9-channel condition or 4-channel blend; and every step's noise, drawn in diffusers' order."""
+    def _timesteps(self, sched, steps: int, strength: float, image_mode: bool) -> tuple[Any, int, bool]:
+        """-> (the schedule, the start index, whether the start noises the image latents: always here; SDXL's
+        denoising_start starts from them as they are)."""
+        return (sched.set_timesteps(steps, device=self.device, strength=strength), sched.start_index(steps, strength),
+                True)
+
+    def _prepare_latents(self, init_image, image_latents, mask_px, latents, noise: NoiseSource, shape, sched, schedule,
+                         start: int, strength: float, cfg: bool, add_noise: bool = True) -> "_StartState":
+        """The loop's start: txt2img noise, img2img's noised image latents (or given latents), or inpainting's
+        latents with its 9-channel condition or 4-channel blend; and every step's noise, drawn in diffusers'
+        order. add_noise=False: the image latents are the start as they are (no start noise drawn for img2img)."""
         x_noise = None if latents is None else latents.detach().to("cpu", torch.float32)
         condition = blend = None
-        if init_image is None:
+        if init_image is None and image_latents is None:
             x_noise = noise.randn(shape) if x_noise is None else x_noise
             x = x_noise.to(self.device) * schedule.init_noise_sigma
         elif mask_px is None:
-            image_latents = self._encode_image(init_image * 2 - 1, noise.img2img_encode_noise(shape))
-            x_noise = noise.randn(shape) if x_noise is None else x_noise
-            x = sched.add_noise(image_latents.expand(shape), x_noise.to(self.device), start, schedule)
+            if image_latents is None:
+                image_latents = self._encode_image(init_image * 2 - 1, noise.img2img_encode_noise(shape))
+            image_latents = image_latents.to(self.device).expand(shape)
+            if add_noise:
+                x_noise = noise.randn(shape) if x_noise is None else x_noise
+                x = sched.add_noise(image_latents, x_noise.to(self.device), start, schedule)
+            else:
+                x = image_latents.contiguous()
         else:
             x, condition, blend = self._prepare_inpaint(init_image, mask_px, x_noise, noise, shape, sched, schedule,
-                                                        start, strength, cfg)
+                                                        start, strength, cfg, add_noise)
         step_noise = [None if n is None else n.to(self.device)
                       for n in noise.step_noise(schedule.noise_steps, start, shape)]
         return _StartState(x, step_noise, condition, blend)
@@ -480,17 +504,20 @@ class Pipeline(LoraMixin):
         return sample * self.vae.scaling_factor
 
     def _prepare_inpaint(self, init_image, mask_px, x_noise, noise: NoiseSource, shape, sched, schedule, start: int,
-                         strength: float, cfg: bool):
+                         strength: float, cfg: bool, add_noise: bool = True):
         """-> (start latents, 9-channel U-Net condition or None, 4-channel LatentBlend or None), drawing from
-        the generators in diffusers' order: image latents (when used), start noise, masked-image latents."""
+        the generators in diffusers' order: image latents (when used), start noise, masked-image latents.
+        add_noise=False: the start is the image latents (the noise is still drawn, for the blend)."""
         batch, lat_shape = shape[0], (1, *shape[1:])
         full_strength = strength == 1.0
         image_latents = None
-        if not self.is_inpainting_model or not full_strength:
+        if not self.is_inpainting_model or not full_strength or not add_noise:
             image_latents = self._encode_image(init_image * 2 - 1, noise.randn_first(lat_shape)).expand(shape)
         x_noise = noise.randn(shape) if x_noise is None else x_noise
         x_noise = x_noise.to(self.device)
-        if full_strength:
+        if not add_noise:
+            x = image_latents.contiguous()
+        elif full_strength:
             x = x_noise * schedule.init_noise_sigma
         else:
             x = sched.add_noise(image_latents, x_noise, start, schedule)

@@ -35,6 +35,8 @@ class SDXLOptions:
     negative_aesthetic_score: float = 2.5
     pooled_prompt_embeds: Optional[Tensor] = None
     negative_pooled_prompt_embeds: Optional[Tensor] = None
+    denoising_start: Optional[float] = None  # the handoff: see sdrt.sdxl_handoff
+    denoising_end: Optional[float] = None
 
 
 def check_pair(name: str, value: Any, *, positive: bool) -> Optional[tuple]:

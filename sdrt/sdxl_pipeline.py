@@ -5,6 +5,8 @@ second encoder's projected pooled output is the U-Net's `text_embeds`. Without a
 model with force_zeros_for_empty_prompt (the base) uses zero negative embeddings, as diffusers does.
 Size/crop/aesthetic ids: see `sdrt.sdxl_conditioning`. Unset strength: diffusers' SDXL defaults (img2img 0.3,
 inpainting 0.9999).
+Base -> refiner handoff: denoising_end / denoising_start (see `sdrt.sdxl_handoff`); the refiner takes the base's
+result.latents as image=.
 Prompts are encoded as diffusers' SDXL pipelines encode them: one 77-token window, truncated, the text taken
 literally; the SD pipeline's long-prompt chunking and `(word:1.3)` emphasis (`sdrt.prompt_encoding`) do not
 apply to SDXL yet, nor do clip_skip and textual inversion (refused).
@@ -22,6 +24,7 @@ from sdrt.pipeline import GenerationResult, Pipeline, _check_tensor, _text_list
 from sdrt.prompt_encoding import PromptOptions, check_prompt_options
 from sdrt.sdxl_components import SDXLComponents
 from sdrt.sdxl_conditioning import ConditionedUNet, SDXLOptions, batched, check_pair, check_score, time_ids
+from sdrt.sdxl_handoff import check_fraction, handoff_range
 
 SDXL_BACKENDS = ("torch",)
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.3, 0.9999
@@ -55,11 +58,16 @@ class SDXLPipeline(Pipeline):
                  negative_original_size: Optional[tuple] = None, negative_crops_coords_top_left: tuple = (0, 0),
                  negative_target_size: Optional[tuple] = None, aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, pooled_prompt_embeds: Optional[torch.Tensor] = None,
-                 negative_pooled_prompt_embeds: Optional[torch.Tensor] = None, **kwargs: Any) -> GenerationResult:
+                 negative_pooled_prompt_embeds: Optional[torch.Tensor] = None, denoising_start: Optional[float] = None,
+                 denoising_end: Optional[float] = None, **kwargs: Any) -> GenerationResult:
         """`Pipeline.__call__`'s arguments plus SDXL's: sizes as (height, width), crops as (top, left);
         original_size/target_size default to the output size. The refiner conditions on aesthetic_score and
         negative_aesthetic_score instead of target sizes. With prompt_embeds ([B, 77, 2048] for the base) pass
-        pooled_prompt_embeds [B, projection_dim] too (and the negative pair together, likewise)."""
+        pooled_prompt_embeds [B, projection_dim] too (and the negative pair together, likewise).
+        denoising_end / denoising_start in (0, 1): run only the schedule's part before / after that fraction
+        (`sdrt.sdxl_handoff`), e.g. base(..., denoising_end=0.8, output="latent") then
+        refiner(..., image=base_result.latents, denoising_start=0.8); denoising_start needs image= and
+        ignores strength."""
         for name, value in (("pooled_prompt_embeds", pooled_prompt_embeds),
                             ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds)):
             if value is not None:
@@ -75,7 +83,14 @@ class SDXLPipeline(Pipeline):
             check_pair("negative_target_size", negative_target_size, positive=True),
             check_score("aesthetic_score", aesthetic_score), check_score("negative_aesthetic_score",
                                                                          negative_aesthetic_score),
-            pooled_prompt_embeds, negative_pooled_prompt_embeds)
+            pooled_prompt_embeds, negative_pooled_prompt_embeds, check_fraction("denoising_start", denoising_start),
+            check_fraction("denoising_end", denoising_end))
+        if options.denoising_start is not None:
+            if kwargs.get("image") is None:
+                raise InvalidInputError("denoising_start needs image= (the latents or picture to continue from)")
+            if kwargs.get("latents") is not None and kwargs.get("mask") is None:
+                raise InvalidInputError("latents (the start noise) cannot be combined with denoising_start: the "
+                                        "image's latents are the start as they are")
         if kwargs.get("strength") is None and kwargs.get("image") is not None:
             kwargs["strength"] = INPAINT_STRENGTH if kwargs.get("mask") is not None else IMG2IMG_STRENGTH
         token = _OPTIONS.set(options)
@@ -92,6 +107,17 @@ class SDXLPipeline(Pipeline):
         ids = self.tokenizer_2(texts).to(self.device)
         penultimate, last = self.text_encoder_2.penultimate(ids)
         return torch.cat(states + [penultimate], dim=-1), self.text_encoder_2.text_embeds(last, ids)
+
+    def _timesteps(self, sched, steps: int, strength: float, image_mode: bool):
+        options = _OPTIONS.get()
+        if options.denoising_start is None and options.denoising_end is None:
+            return super()._timesteps(sched, steps, strength, image_mode)
+        if options.denoising_start is None:
+            schedule, start, _ = super()._timesteps(sched, steps, strength, image_mode)
+        else:  # strength is ignored: the full schedule, entered at denoising_start
+            schedule, start = sched.set_timesteps(steps, device=self.device), 0
+        schedule, start = handoff_range(sched, schedule, start, options.denoising_start, options.denoising_end)
+        return schedule, start, options.denoising_start is None
 
     def load_textual_inversion(self, path, token=None) -> str:
         raise InvalidInputError("textual inversion is not supported for SDXL models yet")

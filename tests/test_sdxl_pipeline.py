@@ -94,12 +94,12 @@ def _image() -> PIL.Image.Image:
     return PIL.Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("strength", [None, 0.6])
-def test_img2img_matches_diffusers(models, strength):
-    pipe, reference = _reference(models, "base", "euler_a", "StableDiffusionXLImg2ImgPipeline")
+@pytest.mark.parametrize("strength, scheduler, guidance", [(None, "euler_a", 5.0), (0.6, "ddim", 1.0)])
+def test_img2img_matches_diffusers(models, strength, scheduler, guidance):
+    pipe, reference = _reference(models, "base", scheduler, "StableDiffusionXLImg2ImgPipeline")
     given = {} if strength is None else {"strength": strength}
-    ours, lat, img = _run_both(pipe, reference, prompt="a house", image=_image(), guidance_scale=5.0,
-                               scheduler="euler_a", steps=6, **given)
+    ours, lat, img = _run_both(pipe, reference, prompt="a house", image=_image(), guidance_scale=guidance,
+                               scheduler=scheduler, steps=6, **given)
     _compare(ours, lat, img)
 
 

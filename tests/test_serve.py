@@ -94,6 +94,36 @@ def _running(server: ServerProcess, headers=None) -> bool:
     return _metric(server, "sdrt_batch_running_images", headers) > 0
 
 
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    from sdxl_factories import save_sdxl
+    folder = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"
+    save_sdxl(folder)
+    return folder
+
+
+def test_an_sdxl_model_is_served_with_the_pipelines_pictures(sdxl_folder):
+    """SDXL goes through the same endpoints: txt2img and img2img equal the pipeline's own call for the seed
+    (under the server's batch-invariant CPU kernels)."""
+    import sdrt
+    from sdrt.serve.runner import batch_invariant_kernels
+    with ServerProcess(["--model", str(sdxl_folder), "--max-batch", "2"]) as server:
+        assert httpx.get(f"{server.url}/sdapi/v1/sd-models").json()[0]["model_name"] == "tiny-sdxl"
+        served = _txt2img(server, seed=7, steps=2, cfg_scale=5.0, width=64, height=64).json()
+        start = PIL.Image.fromarray(_png(served["images"][0]))
+        edited = httpx.post(f"{server.url}/sdapi/v1/img2img", json={
+            "prompt": PROMPT, "init_images": [_b64(start)], "steps": 4, "seed": 8, "cfg_scale": 5.0,
+            "sampler_name": "Euler a", "denoising_strength": 0.5}, timeout=600).json()
+    pipe = sdrt.load(sdxl_folder, device="cpu")
+    with batch_invariant_kernels(pipe.device):
+        # A1111's empty negative prompt is "" (encoded), not None (SDXL's zero negative embeddings)
+        same = {"negative_prompt": "", "guidance_scale": 5.0, "scheduler": "euler_a"}
+        alone = pipe(PROMPT, steps=2, seed=7, height=64, width=64, **same).images[0]
+        again = pipe(PROMPT, image=start, strength=0.5, steps=4, seed=8, **same).images[0]
+    assert np.array_equal(_png(served["images"][0]), np.asarray(alone.convert("RGB")))
+    assert np.array_equal(_png(edited["images"][0]), np.asarray(again.convert("RGB")))
+
+
 # ------------------------------------------------------------------------------------------ AUTOMATIC1111
 def test_webuiapi_txt2img_answers_as_automatic1111(server):
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler a", steps=2)
