@@ -8,6 +8,7 @@ the weights, so every prompt in it must carry the same tags. Everything is check
 before any weight changes; the changes are then fused in one pass (`batch_lora_changes`)."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -57,7 +58,8 @@ def sync_loras(pipe: Any, wanted: Mapping[str, tuple[Path, float]], managed: Ite
     changes = [name for name, (_, w) in wanted.items() if current.get(name) != w]
     if not stale and not changes:
         return
-    with pipe.batch_lora_changes():
+    batch = getattr(pipe, "batch_lora_changes", contextlib.nullcontext)  # a pipeline may lack the batching
+    with batch():
         for name in stale:
             pipe.unload_lora(name)
         for name in changes:
