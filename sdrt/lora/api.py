@@ -121,11 +121,12 @@ class LoraMixin:
 
     def _fuser(self) -> LoraFuser:
         if self._lora_fuser is None:
-            table = TargetTable(torch_module(self.unet), torch_module(self.text_encoder))
+            encoders = [getattr(self, c, None) for c in ("text_encoder", "text_encoder_2")]
+            table = TargetTable(torch_module(self.unet), *(None if e is None else torch_module(e) for e in encoders))
             # exported graphs (onnxruntime, tensorrt): their initializers found now, while the weights are
             # still the ones exported
             exported = {c: ExportedWeights(getattr(self, c), table.unique(c), c)
-                        for c in COMPONENTS if is_exported(getattr(self, c))}
+                        for c in COMPONENTS if is_exported(getattr(self, c, None))}
             self._lora_table, self._lora_exported = table, exported
             self._lora_cache = ParsedLoraCache()
             self._lora_paths: dict[str, Path] = {}

@@ -34,7 +34,7 @@ _DIFFUSERS_ROLES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.dow
                     ".lora_linear_layer.up.weight": "up", ".alpha": "alpha"}
 # diffusers' attention-processor LoRA names: `<attn>.processor.to_q_lora.down.weight` -> `<attn>.to_q`
 _PROCESSOR = re.compile(r"(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
-_COMPONENT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
+_COMPONENT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
 _LORA_ROLES, _LOHA_ROLES = {"down", "up"}, {"w1a", "w1b", "w2a", "w2b"}
 _LOKR_PARTS = {"k1", "k1a", "k1b", "k2", "k2a", "k2b"}
 
