@@ -14,8 +14,11 @@ import torch
 from torch import nn
 
 from sdrt.components import Components
-from sdrt.export.contracts import TEXT_LENGTH, ExportContract
+from sdrt.export.contracts import TEXT_LENGTH, ExportContract, ShapeProfile
 
+# SDXL's TensorRT profile around its native side (1024): 768..1344 (the SDXL resolution buckets' span), batch 1-4
+SDXL_PROFILE_SPAN = (0.75, 1.0, 1.3125)
+SDXL_PROFILE_BATCH = (1, 2, 4)
 SDXL_TEXT_OUTPUTS = ("penultimate_hidden_state",)
 SDXL_TEXT_2_OUTPUTS = ("penultimate_hidden_state", "text_embeds")
 
@@ -74,3 +77,10 @@ def sdxl_contracts(components: Components, sd_contracts: dict[str, ExportContrac
         {**base.dynamic_axes, "text_embeds": {0: "batch"}, "time_ids": {0: "batch"}},
         lambda c: _ConditionedUNet(c.unet), unet_inputs, base.output_shapes, base.fixed_input_dtypes)
     return {**contracts, "vae_encoder": sd_contracts["vae_encoder"], "vae_decoder": sd_contracts["vae_decoder"]}
+
+
+def sdxl_profile(native_side: int, vae_scale: int) -> ShapeProfile:
+    """The default TensorRT profile of an SDXL model: sides SDXL_PROFILE_SPAN times the native one (1024 ->
+    768, 1024, 1344), rounded to the VAE's multiple; batch SDXL_PROFILE_BATCH (CFG doubles it)."""
+    sides = tuple(max(vae_scale, round(native_side * f / vae_scale) * vae_scale) for f in SDXL_PROFILE_SPAN)
+    return ShapeProfile(batch=SDXL_PROFILE_BATCH, height=sides, width=sides)
