@@ -3,6 +3,8 @@
 encoder's, and pictures within 2/255 of the `torch` backend (base txt2img with CFG, the refiner's img2img)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -79,3 +81,17 @@ def test_backends_without_sdxl_refuse_in_one_line(models, backend):
     with pytest.raises(InvalidInputError, match=f"SDXL runs on the torch, onnxruntime backend so far, "
                                                 f"got backend='{backend}'"):
         sdrt.load(models["base"][2], backend=backend)
+
+
+@pytest.mark.parametrize("name", ["base", "refiner"])
+def test_sdrt_check_passes_for_sdxl_on_onnxruntime(models, name, tmp_path, capsys):
+    from sdrt.cli import main
+    out = tmp_path / "check.json"
+    code = main(["check", "--model", str(models[name][2]), "--backend", "onnxruntime", "--device", "cpu",
+                 "--steps", "3", "--prompt", "a red cube", "--size", "16", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    report = json.loads(out.read_text())
+    assert report["passed"] is True and [r["component"] for r in report["rows"]] == ["text_encoder", "unet",
+                                                                                   "vae_decode", "image"]
+    assert all(0 < r["backend"]["max_abs"] <= r["max_abs_limit"] for r in report["rows"][:2])
