@@ -95,3 +95,15 @@ def test_sdrt_check_passes_for_sdxl_on_onnxruntime(models, name, tmp_path, capsy
     assert report["passed"] is True and [r["component"] for r in report["rows"]] == ["text_encoder", "unet",
                                                                                    "vae_decode", "image"]
     assert all(0 < r["backend"]["max_abs"] <= r["max_abs_limit"] for r in report["rows"][:2])
+
+
+def test_sdrt_export_cli_writes_every_sdxl_component_and_build_reads_its_contracts(models, tmp_path, capsys):
+    from sdrt.cli import main
+    from sdrt.cli.build import _contracts_from_manifest
+    from sdrt.export.onnx import read_export
+    assert main(["export", "--model", str(models["refiner"][2]), "--out", str(tmp_path / "onnx")]) == 0
+    export = read_export(tmp_path / "onnx")
+    assert set(export.components) == {"text_encoder_2", "unet", "vae_encoder", "vae_decoder"}
+    contracts = _contracts_from_manifest(export)  # what `sdrt build` profiles, from the manifest's configs only
+    assert set(contracts) == set(export.components)
+    assert contracts["unet"].input_names[-2:] == ("text_embeds", "time_ids")
