@@ -135,6 +135,9 @@ def _load_single_file(path: Path, dtype, device, tokenizer: Union[str, Path, Non
     tensors = read_tensors(path)
     if not sf.is_single_file(tensors):
         raise ModelLoadError(f"{path}: not a Stable Diffusion checkpoint (no '{sf.UNET_PREFIX}*' tensors)")
+    if sf.is_sdxl(tensors):
+        from sdrt import sdxl_components  # SDXL's loader builds on this module
+        return sdxl_components.load_sdxl_single_file(path, tensors, dtype, device, tokenizer, prediction_type)
     tensors = sf.normalize_clip_keys(tensors)
     ucfg, vcfg = sf.infer_unet_config(tensors), sf.infer_vae_config(tensors)
     ccfg, openclip = sf.infer_clip_config(tensors)
@@ -144,10 +147,7 @@ def _load_single_file(path: Path, dtype, device, tokenizer: Union[str, Path, Non
         check_config(cfg, path)
 
     def build(factory, cfg, prefix, rules):
-        with torch.device("meta"):
-            module = factory(cfg)
-        sd = sf.convert(list(module.state_dict()), tensors, prefix, rules, str(path))
-        return assign_checked(module, sd, path, dtype, device)
+        return build_from_file(factory, cfg, tensors, prefix, rules, path, dtype, device)
 
     unet = build(UNet, ucfg, sf.UNET_PREFIX, sf.unet_rules(ucfg))
     vae = build(AutoencoderKL, vcfg, sf.VAE_PREFIX, sf.vae_rules(vcfg))
@@ -156,6 +156,15 @@ def _load_single_file(path: Path, dtype, device, tokenizer: Union[str, Path, Non
     scheduler_config = dict(SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
     return Components(_single_file_tokenizer(path, tokenizer, text_encoder.config, openclip), text_encoder, unet, vae,
                       scheduler_config, str(path))
+
+
+def build_from_file(factory, cfg, tensors: dict, prefix: str, rules: list, path: Path, dtype,
+                    device) -> torch.nn.Module:
+    """One module of a single file: built on the meta device, its tensors read through the key table."""
+    with torch.device("meta"):
+        module = factory(cfg)
+    sd = sf.convert(list(module.state_dict()), tensors, prefix, rules, str(path))
+    return assign_checked(module, sd, path, dtype, device)
 
 
 def _single_file_prediction_type(path: Path, tensors: dict, sd2: bool, inpainting: bool,

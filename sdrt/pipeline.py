@@ -38,6 +38,7 @@ from sdrt.errors import InvalidInputError, ModelLoadError, NumericalError
 from sdrt.graphs import DenoiseGraphs, GraphCache
 from sdrt.guidance import uses_cfg
 from sdrt.lora import LoraMixin
+from sdrt.lora.api import lora_folders
 from sdrt.models.clip import CLIPTextModel
 from sdrt.prompt_encoding import PromptOptions, check_prompt_options, encode_prompt_pair
 from sdrt.schedulers import make_scheduler
@@ -62,7 +63,7 @@ class GenerationResult:
 def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device: Union[str, torch.device, None] = None,
          dtype: Union[str, torch.dtype, None] = None, tokenizer: Union[str, Path, None] = None,
          cuda_graphs: Optional[bool] = None, prediction_type: Optional[str] = None,
-         limits: Optional[Limits] = None) -> "Pipeline":
+         limits: Optional[Limits] = None, lora_dirs: Optional[Sequence[Union[str, Path]]] = None) -> "Pipeline":
     """A ready pipeline. `model`: a diffusers folder or a single-file .safetensors checkpoint; None = the bundled
     tiny model. The tokenizer: the `tokenizer` folder, else the model's `tokenizer/` (for a single file, one beside
     it), else CLIP's vocabulary bundled with sdrt, with SD 1.x's or SD 2.x's pad token.
@@ -72,8 +73,10 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     "bfloat16" (default float16 on cuda, float32 on cpu).
     cuda_graphs: capture the denoising loop in CUDA graphs (see `sdrt.graphs`, `Pipeline.warmup`); default
     on for the triton backend on CUDA; the torch backend on CUDA may opt in; other backends and the CPU cannot.
-    limits: the bounds on each call (`sdrt.Limits`); default `Limits.from_env()`, the SDRT_MAX_* variables."""
+    limits: the bounds on each call (`sdrt.Limits`); default `Limits.from_env()`, the SDRT_MAX_* variables.
+    lora_dirs: folders in which prompts' `<lora:NAME:WEIGHT>` tags find NAME (see `sdrt.lora.prompt_loras`)."""
     _check_path("model", model)
+    folders = None if lora_dirs is None else lora_folders(lora_dirs)
     _check_path("tokenizer", tokenizer)
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
@@ -85,7 +88,9 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
                              f"pass model=<diffusers folder or .safetensors checkpoint>")
     components = load_components(model, dtype=dtype, device=device, tokenizer=tokenizer,
                                  prediction_type=prediction_type)
-    return _assemble(components, backend, device, dtype, graphed, limits)
+    pipe = _assemble(components, backend, device, dtype, graphed, limits)
+    pipe._lora_folders = folders
+    return pipe
 
 
 def from_components(components: Components, *, backend: str = "torch", device: Union[str, torch.device, None] = None,
@@ -255,6 +260,7 @@ class Pipeline(LoraMixin):
         | "none"); clip_skip=N uses the text encoder's hidden state N layers before the last.
         See the module docstring for the modes and README.md for the contract."""
         timer = _PhaseTimer(self.device)
+        prompt, tag_loras = self._take_lora_tags(prompt, negative_prompt)  # <lora:NAME:W>: sdrt.lora.prompt_loras
         steps = check_steps(steps, self.limits)
         num_images = check_positive_int("num_images", num_images)
         if progress is not None and not callable(progress):
@@ -297,6 +303,7 @@ class Pipeline(LoraMixin):
         schedule, start, add_noise = self._timesteps(sched, steps, 1.0 if image is None else strength,
                                                      image is not None)
 
+        self._sync_tag_loras(tag_loras)
         context, unet = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts,
                                            num_images, cfg, prompt_options, (height, width),
                                            image_mode=image is not None)

@@ -1,7 +1,9 @@
-"""SDXL base and refiner folders (diffusers layout): two tokenizers and text encoders, the U-Net with
-added conditioning, the VAE, and the pipeline flags that model_index.json carries."""
+"""SDXL base and refiner folders (diffusers layout) and single files (Stability's layout): two tokenizers and
+text encoders, the U-Net with added conditioning, the VAE, and the pipeline flags that model_index.json carries
+(a single file's follow from which towers it holds: the refiner has bigG alone)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,15 +11,24 @@ from typing import Optional, Union
 
 import torch
 
-from sdrt.components import Components, load_component
-from sdrt.config import read_json
+from sdrt import single_file as sf
+from sdrt.components import Components, build_from_file, load_component
+from sdrt.config import check_config, read_json
 from sdrt.errors import ModelLoadError
-from sdrt.models.clip import CLIPTextModelWithProjection
+from sdrt.models.clip import CLIPTextModel, CLIPTextModelWithProjection
+from sdrt.models.unet import UNet
+from sdrt.models.vae import AutoencoderKL
 from sdrt.tokenizer import EOS_TOKEN, CLIPTokenizer
 
 log = logging.getLogger(__name__)
 
 SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+SDXL_NATIVE_SAMPLE = 128  # latents of SDXL's 1024x1024
+# the scheduler config SDXL base 1.0 and the refiner ship, for single files (which carry none)
+SDXL_SCHEDULER_CONFIG = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                         "beta_end": 0.012, "beta_schedule": "scaled_linear", "interpolation_type": "linear",
+                         "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading",
+                         "use_karras_sigmas": False, "clip_sample": False, "set_alpha_to_one": False}
 
 
 @dataclass
@@ -76,3 +87,36 @@ def _tokenizer(folder: Path, pad: str, required: bool) -> CLIPTokenizer:
         return CLIPTokenizer.from_folder(folder)
     log.info("%s: missing; using the CLIP vocabulary bundled with sdrt, pad token %r", folder, pad)
     return CLIPTokenizer.bundled(pad_token=pad)
+
+
+def load_sdxl_single_file(path: Path, tensors: dict, dtype: torch.dtype, device: Union[str, torch.device],
+                          tokenizer: Union[str, Path, None], prediction_type: Optional[str]) -> SDXLComponents:
+    """An SDXL base or refiner single file (`conditioner.embedders.*`, `model.diffusion_model.*`,
+    `first_stage_model.*`). Tokenizers: `tokenizer` (or a tokenizer/ folder beside the file) for CLIP ViT-L,
+    a tokenizer_2/ folder beside it for bigG, else the bundled CLIP vocabulary (padded with EOS and "!")."""
+    first_cfg, bigg_cfg, bigg_prefix = sf.sdxl_text_configs(tensors)
+    ucfg = dataclasses.replace(sf.infer_unet_config(tensors), sample_size=SDXL_NATIVE_SAMPLE)
+    vcfg = sf.infer_vae_config(tensors)
+    for cfg in (ucfg, vcfg, first_cfg, bigg_cfg):  # inferred from shapes, which a damaged file may hold in any size
+        if cfg is not None:
+            check_config(cfg, path)
+    unet = build_from_file(UNet, ucfg, tensors, sf.UNET_PREFIX, sf.unet_rules(ucfg), path, dtype, device)
+    vae = build_from_file(AutoencoderKL, vcfg, tensors, sf.VAE_PREFIX, sf.vae_rules(vcfg), path, dtype, device)
+    text_encoder = tok = None
+    if first_cfg is not None:
+        text_encoder = build_from_file(CLIPTextModel, first_cfg, tensors, sf.SDXL_CLIP_PREFIX,
+                                       sf.clip_rules(first_cfg, False), path, dtype, device)
+        tok = _tokenizer(Path(tokenizer).expanduser() if tokenizer is not None else path.parent / "tokenizer",
+                         EOS_TOKEN, required=tokenizer is not None)
+    text_encoder_2 = build_from_file(CLIPTextModelWithProjection, bigg_cfg, tensors, bigg_prefix,
+                                     sf.clip_rules(bigg_cfg, True), path, dtype, device)
+    width = (0 if first_cfg is None else first_cfg.hidden_size) + bigg_cfg.hidden_size
+    if width != ucfg.cross_attention_dim:
+        raise ModelLoadError(f"{path}: the text encoders give {width}-wide contexts, the U-Net's cross_attention_dim "
+                             f"is {ucfg.cross_attention_dim}")
+    scheduler_config = dict(SDXL_SCHEDULER_CONFIG, prediction_type=prediction_type or "epsilon")
+    refiner = first_cfg is None
+    return SDXLComponents(tok, text_encoder, unet, vae, scheduler_config, str(path),
+                          tokenizer_2=_tokenizer(path.parent / "tokenizer_2", "!", required=False),
+                          text_encoder_2=text_encoder_2, force_zeros_for_empty_prompt=not refiner,
+                          requires_aesthetics_score=refiner)

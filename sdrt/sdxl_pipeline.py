@@ -26,7 +26,7 @@ from sdrt.sdxl_components import SDXLComponents
 from sdrt.sdxl_conditioning import ConditionedUNet, SDXLOptions, batched, check_pair, check_score, time_ids
 from sdrt.sdxl_handoff import check_fraction, handoff_range
 
-SDXL_BACKENDS = ("torch",)
+SDXL_BACKENDS = ("torch", "onnxruntime")
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.3, 0.9999
 
 # the SDXL arguments of the call in progress (a ContextVar: concurrent calls in threads each see their own)
@@ -104,9 +104,8 @@ class SDXLPipeline(Pipeline):
         states = []
         if self.text_encoder is not None:
             states.append(self.text_encoder.penultimate(self.tokenizer(texts).to(self.device))[0])
-        ids = self.tokenizer_2(texts).to(self.device)
-        penultimate, last = self.text_encoder_2.penultimate(ids)
-        return torch.cat(states + [penultimate], dim=-1), self.text_encoder_2.text_embeds(last, ids)
+        penultimate, text_embeds = self.text_encoder_2.sdxl_states(self.tokenizer_2(texts).to(self.device))
+        return torch.cat(states + [penultimate], dim=-1), text_embeds
 
     def _timesteps(self, sched, steps: int, strength: float, image_mode: bool):
         options = _OPTIONS.get()

@@ -1,7 +1,7 @@
 """Tiny random-weight SDXL base and refiner pipelines saved with diffusers/transformers, for tests.
 
 The base: U-Net levels (no attention, attention) with transformer_layers_per_block (1, 2), 64-wide heads,
-linear projections, the "text_time" added embedding; CLIPTextModel (64 wide) + CLIPTextModelWithProjection
+linear projections, the "text_time" added embedding; CLIPTextModel (64 wide, quick_gelu as CLIP ViT-L) + CLIPTextModelWithProjection
 (64 wide, projection 32), contexts concatenated to 128. The refiner: the second encoder only, aesthetic-score ids.
 """
 from __future__ import annotations
@@ -17,11 +17,11 @@ TIME_DIM = 8    # addition_time_embed_dim
 PROJECTION = 32  # text_encoder_2's projection_dim
 
 
-def _text_encoder(cls, seed: int):
+def _text_encoder(cls, seed: int, hidden_act: str):
     from transformers import CLIPTextConfig
     torch.manual_seed(seed)
     return cls(CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                              num_attention_heads=1, max_position_embeddings=77, hidden_act="gelu",
+                              num_attention_heads=1, max_position_embeddings=77, hidden_act=hidden_act,
                               projection_dim=PROJECTION))
 
 
@@ -58,14 +58,15 @@ def diffusers_sdxl(refiner: bool = False, seed: int = 0, inpaint: bool = False, 
                         layers_per_block=1, sample_size=16, scaling_factor=0.13025, force_upcast=True)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading", interpolation_type="linear")
-    text_encoder_2 = _text_encoder(CLIPTextModelWithProjection, seed + 3)
+    text_encoder_2 = _text_encoder(CLIPTextModelWithProjection, seed + 3, "gelu")  # OpenCLIP bigG
     if refiner:
         pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
             vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer("!"),
             unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
     else:
         cls = diffusers.StableDiffusionXLInpaintPipeline if inpaint else diffusers.StableDiffusionXLPipeline
-        pipe = cls(vae=vae, text_encoder=_text_encoder(CLIPTextModel, seed + 2), tokenizer=_tokenizer("<|endoftext|>"),
+        pipe = cls(vae=vae, text_encoder=_text_encoder(CLIPTextModel, seed + 2, "quick_gelu"),
+                   tokenizer=_tokenizer("<|endoftext|>"),
                    text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer("!"), unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(torch.float32)
