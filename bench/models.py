@@ -3,7 +3,7 @@ weights copied in, so a side-by-side benchmark runs identical numbers on both si
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -20,6 +20,19 @@ def _copy_weights(target: torch.nn.Module, source: dict[str, torch.Tensor]) -> N
     target.load_state_dict(mapped)
 
 
+def diffusers_twin(make: Callable[[], torch.nn.Module], module: torch.nn.Module, device: Any,
+                   dtype: torch.dtype) -> torch.nn.Module:
+    """`make()` (a diffusers/transformers model of `module`'s config) built on meta, given `module`'s weights."""
+    with torch.device("meta"):
+        model = make()
+    model = model.to_empty(device=device)
+    for name, buffer in model.named_buffers():  # to_empty leaves buffers unset: CLIP's position ids
+        if name.endswith("position_ids"):
+            buffer.copy_(torch.arange(buffer.shape[-1], device=device).expand_as(buffer))
+    _copy_weights(model, {k: v.to(device) for k, v in module.state_dict().items()})
+    return model.to(dtype).eval().requires_grad_(False)
+
+
 def diffusers_pipeline(parts: Components, device: Any, dtype: torch.dtype):
     """A diffusers StableDiffusionPipeline with `parts`' configs and weights (copied), on `device`/`dtype`.
     The tokenizer is not used by the benchmarks (they pass prompt embeddings): a placeholder stands in."""
@@ -30,20 +43,12 @@ def diffusers_pipeline(parts: Components, device: Any, dtype: torch.dtype):
 
     ucfg, vcfg = parts.unet.config, parts.vae.config
     nv = len(vcfg.block_out_channels)
-    built = []
-    for make, module in ((lambda: UNet2DConditionModel(**dataclasses.asdict(ucfg)), parts.unet),
-                         (lambda: DAutoencoderKL(**dataclasses.asdict(vcfg), down_block_types=(_DOWN_VAE,) * nv,
-                                                 up_block_types=(_UP_VAE,) * nv), parts.vae),
-                         (lambda: TCLIPTextModel(TCLIPTextConfig(**dataclasses.asdict(parts.text_encoder.config))),
-                          parts.text_encoder)):
-        with torch.device("meta"):
-            model = make()
-        model = model.to_empty(device=device)
-        for name, buffer in model.named_buffers():  # to_empty leaves buffers unset: CLIP's position ids
-            if name.endswith("position_ids"):
-                buffer.copy_(torch.arange(buffer.shape[-1], device=device).expand_as(buffer))
-        _copy_weights(model, {k: v.to(device) for k, v in module.state_dict().items()})
-        built.append(model.to(dtype).eval().requires_grad_(False))
+    built = [diffusers_twin(make, module, device, dtype) for make, module in (
+        (lambda: UNet2DConditionModel(**dataclasses.asdict(ucfg)), parts.unet),
+        (lambda: DAutoencoderKL(**dataclasses.asdict(vcfg), down_block_types=(_DOWN_VAE,) * nv,
+                                up_block_types=(_UP_VAE,) * nv), parts.vae),
+        (lambda: TCLIPTextModel(TCLIPTextConfig(**dataclasses.asdict(parts.text_encoder.config))),
+         parts.text_encoder))]
     unet, vae, text_encoder = built
     scheduler = DDIMScheduler.from_config(parts.scheduler_config)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=None, unet=unet, scheduler=scheduler,

@@ -26,7 +26,7 @@ from sdrt.sdxl_components import SDXLComponents
 from sdrt.sdxl_conditioning import ConditionedUNet, SDXLOptions, batched, check_pair, check_score, time_ids
 from sdrt.sdxl_handoff import check_fraction, handoff_range
 
-SDXL_BACKENDS = ("torch", "onnxruntime")
+SDXL_BACKENDS = ("torch", "onnxruntime", "openvino")
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.3, 0.9999
 
 # the SDXL arguments of the call in progress (a ContextVar: concurrent calls in threads each see their own)

@@ -11,7 +11,6 @@ from factories import save_pipeline
 from sdrt import parity
 from sdrt.backends.auto import resolve_backend
 
-pytest.importorskip("openvino")
 
 IMAGE_TOL = 2 / 255
 
@@ -52,3 +51,14 @@ def test_check_passes_on_tiny(tmp_path, monkeypatch):
     monkeypatch.setenv("SDRT_CACHE", str(tmp_path))
     report = parity.compare("random:tiny", "openvino", device="cpu", steps=4)
     assert report.passed, report.table()
+
+
+def test_sdxl_base_matches_torch_backend(tmp_path, monkeypatch):
+    from sdxl_factories import save_sdxl
+
+    monkeypatch.setenv("SDRT_CACHE", str(tmp_path / "cache"))
+    save_sdxl(tmp_path / "base")
+    ref, got = sdrt.load(tmp_path / "base", backend="torch"), sdrt.load(tmp_path / "base", backend="auto", device="cpu")
+    assert got.backend == "openvino"
+    kwargs = dict(prompt="a red cube", negative_prompt="blurry", steps=3, guidance_scale=5.0, seed=2, output="np")
+    assert np.abs(got(**kwargs).images - ref(**kwargs).images).max() <= IMAGE_TOL

@@ -34,7 +34,8 @@ class OpenVinoModel:
         try:
             self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         except Exception as e:  # openvino raises its own untyped errors for unreadable graphs
-            raise ModelLoadError(f"{path}: OpenVINO cannot compile this graph ({' '.join(str(e).split())[:300]})") from None
+            detail = " ".join(str(e).split())[:300]
+            raise ModelLoadError(f"{path}: OpenVINO cannot compile this graph ({detail})") from None
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, **inputs: torch.Tensor) -> list[torch.Tensor]:

@@ -1,7 +1,8 @@
 """`sdrt bench`: sdrt against diffusers on the same random weights, side by side in one run.
 
 On CUDA: the SD 1.5 config at 512x512 (and secondary rows); on a CPU: the tiny config, so anyone can
-try it. Prints a table and writes JSON and a PNG bar chart into --out. See bench/README.md.
+try it, or a full-size one with --model sd15 --size 256|512 (rows repeated and interleaved). Prints a table and
+writes JSON and a PNG bar chart into --out. See bench/README.md.
 """
 from __future__ import annotations
 
@@ -9,15 +10,22 @@ import argparse
 from pathlib import Path
 
 HELP = "benchmark sdrt against diffusers on the same random-weight model (table, JSON, PNG)"
-ROW_NAMES = ("sdrt torch", "sdrt triton", "diffusers eager", "diffusers compile")
+ROW_NAMES = ("sdrt torch", "sdrt triton", "sdrt onnxruntime", "sdrt openvino", "diffusers eager", "diffusers compile")
 COMPILE_MODES = ("max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead", "default")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="output folder (default bench/results)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 50 on cuda, 10 on cpu)")
-    p.add_argument("--runs", type=int, default=None, help="timed end-to-end runs per main row (default 5)")
+    p.add_argument("--model", default=None, choices=("tiny", "sd15", "sd21"),
+                   help="random-weight config of the main rows (default sd15 on cuda, tiny on cpu)")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's native size)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default 50 on cuda, 10 on cpu with tiny, 3 on cpu with a full-size model)")
+    p.add_argument("--runs", type=int, default=None,
+                   help="timed end-to-end runs per main row and repetition (default 5; 1 on cpu with a full-size model)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="repetitions of the main rows, interleaved (default 1; 2 on cpu with a full-size model)")
     p.add_argument("--compile-budget", type=float, default=180.0,
                    help="seconds allowed for torch.compile's first call before that row is skipped (default 180)")
     p.add_argument("--compile-mode", default="max-autotune", choices=COMPILE_MODES,
@@ -29,14 +37,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sdrt.bench import report, side_by_side
     from sdrt.checks import check_positive_int
+    from sdrt.errors import InvalidInputError
     from sdrt.pipeline import _resolve_device
 
-    for name in ("steps", "runs"):
+    for name in ("steps", "runs", "repeats", "size"):
         if getattr(args, name) is not None:
             check_positive_int(name, getattr(args, name))
     device = _resolve_device(args.device)
     stamp = report.new_stamp()
-    result = side_by_side.run_bench(device, steps=args.steps, runs=args.runs, compile_budget_s=args.compile_budget,
+    if args.size is not None and args.size % 8:
+        raise InvalidInputError(f"size must be a multiple of 8, got {args.size}")
+    result = side_by_side.run_bench(device, model=args.model, size=args.size, steps=args.steps, runs=args.runs,
+                                    repeats=args.repeats, compile_budget_s=args.compile_budget,
                                     compile_mode=args.compile_mode,
                                     secondary=not args.no_secondary,
                                     rows=None if args.rows is None else set(args.rows),
