@@ -32,6 +32,8 @@ from sdrt.backends import BACKENDS, prepare_backend
 from sdrt.checks import (Limits, check_guidance, check_image_count, check_output, check_pixels, check_positive_int,
                          check_size, check_steps, check_text, strength_or_default)
 from sdrt.components import BUNDLED_MODEL, Components, load_components
+from sdrt.control import ControlResiduals, check_control
+from sdrt.controlnet_loading import check_controlnet_backend, load_controlnets
 from sdrt.denoise import LatentBlend, denoise
 from sdrt.errors import InvalidInputError, ModelLoadError, NumericalError
 from sdrt.graphs import DenoiseGraphs, GraphCache
@@ -60,7 +62,7 @@ class GenerationResult:
 def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device: Union[str, torch.device, None] = None,
          dtype: Union[str, torch.dtype, None] = None, tokenizer: Union[str, Path, None] = None,
          cuda_graphs: Optional[bool] = None, prediction_type: Optional[str] = None,
-         limits: Optional[Limits] = None) -> "Pipeline":
+         limits: Optional[Limits] = None, controlnet=None) -> "Pipeline":
     """A ready pipeline. `model`: a diffusers folder or a single-file .safetensors checkpoint; None = the bundled
     tiny model. The tokenizer: the `tokenizer` folder, else the model's `tokenizer/` (for a single file, one beside
     it), else CLIP's vocabulary bundled with sdrt, with SD 1.x's or SD 2.x's pad token.
@@ -70,8 +72,11 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     "bfloat16" (default float16 on cuda, float32 on cpu).
     cuda_graphs: capture the denoising loop in CUDA graphs (see `sdrt.graphs`, `Pipeline.warmup`); default
     on for the triton backend on CUDA; the torch backend on CUDA may opt in; other backends and the CPU cannot.
-    limits: the bounds on each call (`sdrt.Limits`); default `Limits.from_env()`, the SDRT_MAX_* variables."""
+    limits: the bounds on each call (`sdrt.Limits`); default `Limits.from_env()`, the SDRT_MAX_* variables.
+    controlnet: a ControlNet (diffusers folder or single file) or a list of them, each checked to fit the model
+    (torch backend, no CUDA graphs); calls then take control_image= (see `Pipeline.__call__`)."""
     _check_path("model", model)
+    check_controlnet_backend(controlnet, backend, cuda_graphs)
     _check_path("tokenizer", tokenizer)
     if backend not in BACKENDS:
         raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -84,7 +89,11 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
                              f"pass model=<diffusers folder or .safetensors checkpoint>")
     components = load_components(model, dtype=dtype, device=device, tokenizer=tokenizer,
                                  prediction_type=prediction_type)
-    return _assemble(components, backend, device, dtype, graphed, limits)
+    pipe = _assemble(components, backend, device, dtype, graphed, limits)
+    if controlnet is not None:
+        pipe.controlnets = load_controlnets(controlnet, dtype, device, pipe.unet.config, pipe.vae_scale_factor,
+                                            pipe.model)
+    return pipe
 
 
 def from_components(components: Components, *, backend: str = "torch", device: Union[str, torch.device, None] = None,
@@ -227,6 +236,7 @@ class Pipeline:
         self.native_size = (side, side)  # (height, width) the model was trained at
         # the loop runner: `denoise` itself, or a `DenoiseGraphs` replaying captured loops (same signature)
         self.denoiser: Callable[..., torch.Tensor] = denoise
+        self.controlnets: list = []  # sdrt.models.controlnet.ControlNet, set by load(controlnet=...)
         self.embedding_tokens: dict[str, list[int]] = {}  # textual inversion: token -> its vectors' ids
         self.text_layers = components.text_encoder.config.num_hidden_layers  # clip_skip's bound
 
@@ -241,7 +251,11 @@ class Pipeline:
                  prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_embeds: Optional[torch.Tensor] = None,
                  output: str = "pil", progress: Optional[Callable[[int, int], None]] = None,
                  clip_skip: Optional[int] = None, prompt_chunking: bool = True,
-                 emphasis: str = "original") -> GenerationResult:
+                 emphasis: str = "original", control_image: Any = None,
+                 controlnet_conditioning_scale: Union[float, Sequence[float]] = 1.0,
+                 control_guidance_start: Union[float, Sequence[float]] = 0.0,
+                 control_guidance_end: Union[float, Sequence[float]] = 1.0,
+                 guess_mode: bool = False) -> GenerationResult:
         """Generate images; `progress(done, total)` is called after every denoising step.
         strength: how much of the image to redo, in [0, 1]; None = diffusers' default for the mode
         (img2img 0.8, inpainting 1.0).
@@ -250,6 +264,9 @@ class Pipeline:
         Prompts (see `sdrt.prompt_encoding`): longer than 75 tokens they are encoded in 75-token chunks
         (prompt_chunking=False truncates instead); `(word:1.3)` emphasis per `emphasis` ("original" | "no_norm"
         | "none"); clip_skip=N uses the text encoder's hidden state N layers before the last.
+        With ControlNets (`load(controlnet=...)`): control_image, one image (a list: one per ControlNet) of the
+        output's size, which it sets when height, width and image are not given; the scale, start and end are a
+        number or one per ControlNet; see `sdrt.control`.
         See the module docstring for the modes and README.md for the contract."""
         timer = _PhaseTimer(self.device)
         steps = check_steps(steps, self.limits)
@@ -264,7 +281,13 @@ class Pipeline:
         sched = make_scheduler(scheduler, self.scheduler_config, eta)
 
         init_image = None if image is None else imgs.image_to_tensor(image)  # [1, 3, H, W] in [0, 1]
+        control = check_control(len(self.controlnets), control_image, controlnet_conditioning_scale,
+                                control_guidance_start, control_guidance_end, guess_mode)
+        if control is not None and init_image is None and height is None and width is None:
+            height, width = control.size
         height, width = self._size(height, width, init_image)
+        if control is not None:
+            control.check_sizes(height, width)
         if mask is not None and init_image is None:
             raise InvalidInputError("mask needs image: pass the image to inpaint as image=")
         if self.is_inpainting_model and mask is None:
@@ -298,9 +321,11 @@ class Pipeline:
 
         total = len(schedule.timesteps) - start
         on_step = None if progress is None else (lambda i: progress(i - start + 1, total))
+        controlled = {} if control is None else {"control": ControlResiduals(
+            self.controlnets, control, batch, cfg, start, total, self.device, self.dtype)}
         x = self.denoiser(self.unet, sched, schedule, start_state.latents, context, guidance, start,
                           start_state.step_noise, condition=start_state.condition, blend=start_state.blend,
-                          on_step=on_step)
+                          on_step=on_step, **controlled)
         if not torch.isfinite(x).all():
             raise NumericalError(f"the final latents hold NaN or inf ({self._run_name()}); {self._nan_advice('loop')}")
         timer.lap("denoise")
