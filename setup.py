@@ -6,7 +6,7 @@ setup(
     description="Stable Diffusion inference runtime: reference modules, fused Triton kernels, ONNX/TensorRT export, CUDA graphs",
     python_requires=">=3.10",
     packages=["sdrt", "sdrt.cli", "sdrt.models", "sdrt.backends", "sdrt.tiny", "sdrt.kernels", "sdrt.export", "sdrt.bench",
-              "sdrt.serve"],
+              "sdrt.serve", "sdrt.lora"],
     package_dir={"sdrt.kernels": "kernels", "sdrt.export": "export", "sdrt.bench": "bench"},
     package_data={"sdrt": ["assets/tiny-sd/*.json", "assets/tiny-sd/*/*.json", "assets/tiny-sd/*/*.txt",
                            "assets/tiny-sd/*/*.safetensors", "assets/*.png",
@@ -18,10 +18,12 @@ setup(
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "gpu": ["onnxruntime-gpu", "tensorrt"],
         "serve": ["fastapi", "uvicorn", "prometheus_client"],
+        "ray": ["ray[serve]", "fastapi", "uvicorn", "prometheus_client"],
         # everything the test suite exercises on a CPU-only machine
         "test": ["pytest", "pytest-benchmark", "diffusers", "transformers", "accelerate", "matplotlib",
                  "triton", "onnx", "onnxruntime", "onnxscript",
-                 "fastapi", "uvicorn", "prometheus_client", "httpx", "webuiapi", "openai"],
+                 "fastapi", "uvicorn", "prometheus_client", "httpx", "webuiapi", "openai", "peft",
+                 "ray[serve]", "pyyaml"],
     },
     entry_points={"console_scripts": ["sdrt=sdrt.cli:main"]},
 )

@@ -103,9 +103,13 @@ def main(argv=None) -> int:
     p.add_argument("--overload-clients", type=int, default=64)
     p.add_argument("--max-seconds", type=float, default=900, help="time budget of each closed-loop run")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--ray", action="store_true", help="sdrt serve --ray with 1 and 2 replicas instead")
     args = p.parse_args(argv)
     common = [] if args.model is None else ["--model", args.model]
     common += [] if args.device is None else ["--device", args.device]
+    if args.ray:
+        from sdrt.bench import bench_serve_ray
+        return bench_serve_ray.main(args, common)
     runs = {}
     load_before = os.getloadavg()
     for name, max_batch in (("batched", 8), ("unbatched", 1)):

@@ -54,7 +54,10 @@ class ServerProcess:
             with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
                 return json.load(response)["status"]
         except urllib.error.HTTPError as e:
-            return json.load(e)["status"]
+            try:
+                return json.load(e)["status"]
+            except ValueError:  # not the app's answer (Ray's proxy before the app is deployed)
+                return None
         except OSError:
             return None
 

@@ -163,6 +163,10 @@ class Engine:
         if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError(f"TensorRT failed to enqueue the {self.contract.name} engine")
 
+    @property
+    def refittable(self) -> bool:
+        return bool(self.engine.refittable)
+
     def refit(self, weights: dict[str, torch.Tensor]) -> None:
         """Swap named weights (ONNX initializer names) in a refit-enabled engine, e.g. with a LoRA merged."""
         trt = self.trt

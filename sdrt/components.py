@@ -14,7 +14,8 @@ from sdrt.checks import check_prediction_type
 from sdrt.clip_vocab import VOCAB_SIZE
 from sdrt.config import CLIPTextConfig, check_config, clip_text_config, read_json, unet_config, vae_config
 from sdrt.errors import InvalidInputError, ModelLoadError
-from sdrt.models.clip import CLIPTextModel, IGNORED_KEYS as CLIP_IGNORED_KEYS, checkpoint_state_dict
+from sdrt.models.clip import (CLIPTextModel, CLIPTextModelWithProjection, IGNORED_KEYS as CLIP_IGNORED_KEYS,
+                              checkpoint_state_dict, projection_state_dict)
 from sdrt.models.unet import UNet
 from sdrt.models.vae import AutoencoderKL
 from sdrt.tokenizer import EOS_TOKEN, CLIPTokenizer
@@ -45,6 +46,10 @@ class Components:
     def is_inpainting_unet(self) -> bool:
         return self.unet.config.in_channels == 9
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The neural components a backend prepares (SDXL adds its second text encoder)."""
+        return [m for m in (self.text_encoder, self.unet, self.vae) if m is not None]
+
 
 def load_components(model: Union[str, Path, None], dtype: torch.dtype = torch.float32,
                     device: Union[str, torch.device] = "cpu", tokenizer: Union[str, Path, None] = None,
@@ -71,9 +76,12 @@ def load_components(model: Union[str, Path, None], dtype: torch.dtype = torch.fl
 def _load_folder(root: Path, dtype, device, tokenizer: Union[str, Path, None]) -> Components:
     index = read_json(root / "model_index.json")
     kind = index.get("_class_name")
+    from sdrt import sdxl_components  # SDXL's loader builds on this module
+    if kind in sdxl_components.SDXL_PIPELINES:
+        return sdxl_components.load_sdxl_folder(root, index, dtype, device, tokenizer)
     if kind not in SUPPORTED_PIPELINES:
         raise ModelLoadError(f"{root / 'model_index.json'}: unsupported pipeline _class_name={kind!r} "
-                             f"(sdrt supports {', '.join(SUPPORTED_PIPELINES)})")
+                             f"(sdrt supports {', '.join(SUPPORTED_PIPELINES + sdxl_components.SDXL_PIPELINES)})")
     text_encoder, unet, vae = (load_component(root / name, name, dtype, device)
                                for name in ("text_encoder", "unet", "vae"))
     scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
@@ -88,7 +96,8 @@ def _load_folder(root: Path, dtype, device, tokenizer: Union[str, Path, None]) -
 
 def load_component(folder: Union[str, Path], name: str, dtype: torch.dtype = torch.float32,
                    device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
-    """One diffusers component folder (config.json + weights). name: "text_encoder" | "unet" | "vae".
+    """One diffusers component folder (config.json + weights). name: "text_encoder" | "text_encoder_2" (SDXL's
+    CLIPTextModelWithProjection) | "unet" | "vae".
     With dtype=float16 the folder's `*.fp16.safetensors` variant is preferred when it has one."""
     if name not in _COMPONENTS:
         raise InvalidInputError(f"name must be one of {', '.join(_COMPONENTS)}, got {name!r}")
@@ -115,6 +124,7 @@ def _rename_legacy_vae_attention(tensors: dict) -> dict:
 # name -> (config reader, module class, checkpoint key conversion, checkpoint keys to drop)
 _COMPONENTS = {
     "text_encoder": (clip_text_config, CLIPTextModel, checkpoint_state_dict, CLIP_IGNORED_KEYS),
+    "text_encoder_2": (clip_text_config, CLIPTextModelWithProjection, projection_state_dict, CLIP_IGNORED_KEYS),
     "unet": (unet_config, UNet, dict, ()),
     "vae": (vae_config, AutoencoderKL, _rename_legacy_vae_attention, ()),
 }
@@ -125,6 +135,9 @@ def _load_single_file(path: Path, dtype, device, tokenizer: Union[str, Path, Non
     tensors = read_tensors(path)
     if not sf.is_single_file(tensors):
         raise ModelLoadError(f"{path}: not a Stable Diffusion checkpoint (no '{sf.UNET_PREFIX}*' tensors)")
+    if sf.is_sdxl(tensors):
+        from sdrt import sdxl_components  # SDXL's loader builds on this module
+        return sdxl_components.load_sdxl_single_file(path, tensors, dtype, device, tokenizer, prediction_type)
     tensors = sf.normalize_clip_keys(tensors)
     ucfg, vcfg = sf.infer_unet_config(tensors), sf.infer_vae_config(tensors)
     ccfg, openclip = sf.infer_clip_config(tensors)
@@ -134,10 +147,7 @@ def _load_single_file(path: Path, dtype, device, tokenizer: Union[str, Path, Non
         check_config(cfg, path)
 
     def build(factory, cfg, prefix, rules):
-        with torch.device("meta"):
-            module = factory(cfg)
-        sd = sf.convert(list(module.state_dict()), tensors, prefix, rules, str(path))
-        return assign_checked(module, sd, path, dtype, device)
+        return build_from_file(factory, cfg, tensors, prefix, rules, path, dtype, device)
 
     unet = build(UNet, ucfg, sf.UNET_PREFIX, sf.unet_rules(ucfg))
     vae = build(AutoencoderKL, vcfg, sf.VAE_PREFIX, sf.vae_rules(vcfg))
@@ -146,6 +156,15 @@ def _load_single_file(path: Path, dtype, device, tokenizer: Union[str, Path, Non
     scheduler_config = dict(SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
     return Components(_single_file_tokenizer(path, tokenizer, text_encoder.config, openclip), text_encoder, unet, vae,
                       scheduler_config, str(path))
+
+
+def build_from_file(factory, cfg, tensors: dict, prefix: str, rules: list, path: Path, dtype,
+                    device) -> torch.nn.Module:
+    """One module of a single file: built on the meta device, its tensors read through the key table."""
+    with torch.device("meta"):
+        module = factory(cfg)
+    sd = sf.convert(list(module.state_dict()), tensors, prefix, rules, str(path))
+    return assign_checked(module, sd, path, dtype, device)
 
 
 def _single_file_prediction_type(path: Path, tensors: dict, sd2: bool, inpainting: bool,

@@ -77,6 +77,7 @@ _BOOL = _Rule(lambda v: isinstance(v, bool), "true or false")
 _TEXT = _Rule(lambda v: isinstance(v, str), "a string")
 _CHANNELS = _Rule(_ints, "a non-empty list of integers >= 1")
 _HEADS = _Rule(lambda v: (_is_int(v) and v >= 1) or _ints(v), "an integer >= 1 or a list of them")
+_OPTIONAL_POSITIVE_INT = _Rule(lambda v: v is None or _POSITIVE_INT.test(v), "null or an integer >= 1")
 _OPTIONAL_HEADS = _Rule(lambda v: v is None or _HEADS.test(v), "null, an integer >= 1 or a list of them")
 _BLOCK_TYPES = _Rule(lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(isinstance(x, str) for x in v),
                     "a non-empty list of block type names")
@@ -125,7 +126,10 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
-    projection_dim: int = 768  # unused by the text encoder's hidden states; kept for round trips
+    projection_dim: int = 768  # the width of CLIPTextModelWithProjection's text_embeds (SDXL's second encoder)
+    # where the pooled output is read: 2 (configs before transformers#24773) = the highest id's position,
+    # else the first position of this id
+    eos_token_id: int = 49407
 
 
 _CLIP_REQUIRED = {"hidden_act": ("quick_gelu", "gelu")}
@@ -133,6 +137,7 @@ _CLIP_RULES = {
     "vocab_size": _POSITIVE_INT, "hidden_size": _POSITIVE_INT, "intermediate_size": _POSITIVE_INT,
     "num_hidden_layers": _POSITIVE_INT, "num_attention_heads": _POSITIVE_INT, "max_position_embeddings": _POSITIVE_INT,
     "hidden_act": _TEXT, "layer_norm_eps": _POSITIVE_NUMBER, "projection_dim": _POSITIVE_INT,
+    "eos_token_id": _NON_NEGATIVE_INT,
 }
 
 
@@ -234,6 +239,17 @@ class UNetConfig:
     freq_shift: int = 0
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
+    # SDXL: transformer blocks per attention layer (one number, or one per level); the "text_time" added
+    # embedding of the pooled text embeds and the size/crop (or aesthetic score) ids
+    transformer_layers_per_block: Union[int, tuple] = 1
+    addition_embed_type: Optional[str] = None
+    addition_time_embed_dim: Optional[int] = None
+    projection_class_embeddings_input_dim: Optional[int] = None
+
+    def transformer_depths(self) -> tuple:
+        """Transformer blocks per attention layer for each down block (the up path mirrors it)."""
+        d = self.transformer_layers_per_block
+        return tuple(d) if isinstance(d, (tuple, list)) else (d,) * len(self.block_out_channels)
 
     def heads(self) -> tuple:
         """Number of attention heads for each down block (the up path mirrors it)."""
@@ -249,7 +265,7 @@ _UNET_REQUIRED = {
     "dual_cross_attention": (False,),
     "resnet_time_scale_shift": ("default",),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
+    "addition_embed_type": (None, "text_time"),
     "num_class_embeds": (None,),
     "time_cond_proj_dim": (None,),
     "encoder_hid_dim": (None,),
@@ -260,7 +276,6 @@ _UNET_REQUIRED = {
     "timestep_post_act": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
-    "transformer_layers_per_block": (1,),
     "reverse_transformer_layers_per_block": (None,),
     "attention_type": ("default",),
     "cross_attention_norm": (None,),
@@ -268,8 +283,6 @@ _UNET_REQUIRED = {
     "resnet_out_scale_factor": (1, 1.0),
     "class_embeddings_concat": (False,),
     "mid_block_only_cross_attention": (None, False),
-    "addition_time_embed_dim": (None,),
-    "projection_class_embeddings_input_dim": (None,),
 }
 _UNET_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UNET_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -282,6 +295,9 @@ _UNET_RULES = {
     "cross_attention_dim": _POSITIVE_INT, "attention_head_dim": _HEADS, "num_attention_heads": _OPTIONAL_HEADS,
     "use_linear_projection": _BOOL, "upcast_attention": _BOOL, "flip_sin_to_cos": _BOOL, "freq_shift": _NUMBER,
     "downsample_padding": _NON_NEGATIVE_INT, "mid_block_scale_factor": _NUMBER,
+    "transformer_layers_per_block": _HEADS,
+    "addition_embed_type": _Rule(lambda v: v in (None, "text_time"), "null or 'text_time'"),
+    "addition_time_embed_dim": _OPTIONAL_POSITIVE_INT, "projection_class_embeddings_input_dim": _OPTIONAL_POSITIVE_INT,
 }
 
 
@@ -289,6 +305,12 @@ def _check_unet(cfg: UNetConfig, source: str) -> None:
     n = len(cfg.block_out_channels)
     if len(cfg.down_block_types) != n or len(cfg.up_block_types) != n or len(cfg.heads()) != n:
         raise ModelLoadError(f"{source}: block types, block_out_channels and attention heads differ in length")
+    if len(cfg.transformer_depths()) != n:
+        raise ModelLoadError(f"{source}: transformer_layers_per_block and block_out_channels differ in length")
+    if cfg.addition_embed_type == "text_time" and None in (cfg.addition_time_embed_dim,
+                                                           cfg.projection_class_embeddings_input_dim):
+        raise ModelLoadError(f"{source}: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                             f"projection_class_embeddings_input_dim")
     _check_groups(cfg, source)
     key = "attention_head_dim" if cfg.num_attention_heads is None else "num_attention_heads"
     for channels, heads in zip(cfg.block_out_channels, cfg.heads()):

@@ -19,3 +19,8 @@ class BackendUnavailableError(SdrtError):
 
 class NumericalError(SdrtError):
     """A result held NaN or inf; raised instead of returning a silently wrong image."""
+
+
+class LoraFileError(ModelLoadError, InvalidInputError):
+    """A LoRA file that is missing or does not fit the model (unknown key, wrong shape): both a bad input of
+    `load_lora` and a model file that cannot be loaded."""

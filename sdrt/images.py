@@ -6,7 +6,7 @@ outputs (x / 2 + 0.5).clamp(0, 1), and PIL bytes round(255 * x).
 """
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import PIL.Image
@@ -82,6 +82,21 @@ def image_to_tensor(image: Any) -> torch.Tensor:
     else:
         raise InvalidInputError(f"image is a {type(image).__name__}; expected {IMAGE_FORMS}")
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
+
+
+LATENT_CHANNELS = 4
+
+
+def latent_image(image: Any) -> Optional[torch.Tensor]:
+    """Latents given as the image (as diffusers' img2img pipelines take them): a floating [n, 4, h, w] tensor in
+    the U-Net's scaled space, e.g. a previous call's `result.latents` -> float32 on the CPU; None for any
+    other input (a pixel image: see `image_to_tensor`)."""
+    if not (torch.is_tensor(image) and image.dim() == 4 and image.shape[1] == LATENT_CHANNELS):
+        return None
+    if not image.is_floating_point() or not torch.isfinite(image).all() or 0 in image.shape:
+        raise InvalidInputError(f"latents given as image must be a non-empty floating tensor [n, 4, h, w] of finite "
+                                f"values, got dtype {image.dtype} shape {tuple(image.shape)}")
+    return image.detach().to("cpu", torch.float32)
 
 
 def mask_to_tensor(mask: Any, height: int, width: int) -> torch.Tensor:

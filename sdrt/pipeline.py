@@ -38,6 +38,8 @@ from sdrt.denoise import LatentBlend, denoise
 from sdrt.errors import InvalidInputError, ModelLoadError, NumericalError
 from sdrt.graphs import DenoiseGraphs, GraphCache
 from sdrt.guidance import uses_cfg
+from sdrt.lora import LoraMixin
+from sdrt.lora.api import lora_folders
 from sdrt.models.clip import CLIPTextModel
 from sdrt.prompt_encoding import PromptOptions, check_prompt_options, encode_prompt_pair
 from sdrt.schedulers import make_scheduler
@@ -62,7 +64,8 @@ class GenerationResult:
 def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device: Union[str, torch.device, None] = None,
          dtype: Union[str, torch.dtype, None] = None, tokenizer: Union[str, Path, None] = None,
          cuda_graphs: Optional[bool] = None, prediction_type: Optional[str] = None,
-         limits: Optional[Limits] = None, controlnet=None) -> "Pipeline":
+         limits: Optional[Limits] = None, lora_dirs: Optional[Sequence[Union[str, Path]]] = None,
+         controlnet: Union[str, Path, Sequence[Union[str, Path]], None] = None) -> "Pipeline":
     """A ready pipeline. `model`: a diffusers folder or a single-file .safetensors checkpoint; None = the bundled
     tiny model. The tokenizer: the `tokenizer` folder, else the model's `tokenizer/` (for a single file, one beside
     it), else CLIP's vocabulary bundled with sdrt, with SD 1.x's or SD 2.x's pad token.
@@ -73,9 +76,11 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     cuda_graphs: capture the denoising loop in CUDA graphs (see `sdrt.graphs`, `Pipeline.warmup`); default
     on for the triton backend on CUDA; the torch backend on CUDA may opt in; other backends and the CPU cannot.
     limits: the bounds on each call (`sdrt.Limits`); default `Limits.from_env()`, the SDRT_MAX_* variables.
-    controlnet: a ControlNet (diffusers folder or single file) or a list of them, each checked to fit the model
-    (torch backend, no CUDA graphs); calls then take control_image= (see `Pipeline.__call__`)."""
+    lora_dirs: folders in which prompts' `<lora:NAME:WEIGHT>` tags find NAME (see `sdrt.lora.prompt_loras`).
+    controlnet: a ControlNet (diffusers folder or single file) or a list of them, each checked to fit the model;
+    calls then take control_image= (see `Pipeline.__call__`, `sdrt.control`)."""
     _check_path("model", model)
+    folders = None if lora_dirs is None else lora_folders(lora_dirs)
     check_controlnet_backend(controlnet, backend, cuda_graphs)
     _check_path("tokenizer", tokenizer)
     if backend not in BACKENDS:
@@ -90,6 +95,7 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     components = load_components(model, dtype=dtype, device=device, tokenizer=tokenizer,
                                  prediction_type=prediction_type)
     pipe = _assemble(components, backend, device, dtype, graphed, limits)
+    pipe._lora_folders = folders
     if controlnet is not None:
         pipe.controlnets = load_controlnets(controlnet, dtype, device, pipe.unet.config, pipe.vae_scale_factor,
                                             pipe.model)
@@ -111,9 +117,11 @@ def from_components(components: Components, *, backend: str = "torch", device: U
 
 def _assemble(components: Components, backend: str, device: torch.device, dtype: torch.dtype,
               graphed: bool, limits: Limits) -> "Pipeline":
+    from sdrt.sdxl_pipeline import pipeline_class  # SDXL's pipeline builds on this module
+    cls = pipeline_class(components, backend, graphed)
     components = prepare_backend(backend, components, device, dtype)
     log.info("loaded %s on %s/%s with the %s backend", components.source, device, dtype, backend)
-    pipe = Pipeline(components, device=device, dtype=dtype, backend=backend, limits=limits)
+    pipe = cls(components, device=device, dtype=dtype, backend=backend, limits=limits)
     if graphed:
         pipe.denoiser = DenoiseGraphs(GraphCache.for_device(device))
     return pipe
@@ -217,7 +225,7 @@ def _guidance_per_image(guidance: Union[float, list[float]], n_prompts: int, num
     return [g for g in guidance for _ in range(num_images)]
 
 
-class Pipeline:
+class Pipeline(LoraMixin):
     """One loaded model on one backend. Call it to generate; see `sdrt.load`."""
 
     def __init__(self, components: Components, *, device: torch.device, dtype: torch.dtype, backend: str,
@@ -238,7 +246,8 @@ class Pipeline:
         self.denoiser: Callable[..., torch.Tensor] = denoise
         self.controlnets: list = []  # sdrt.models.controlnet.ControlNet, set by load(controlnet=...)
         self.embedding_tokens: dict[str, list[int]] = {}  # textual inversion: token -> its vectors' ids
-        self.text_layers = components.text_encoder.config.num_hidden_layers  # clip_skip's bound
+        self.text_layers = (0 if components.text_encoder is None  # clip_skip's bound (an SDXL refiner: no encoder 1)
+                            else components.text_encoder.config.num_hidden_layers)
 
     def __repr__(self) -> str:
         return f"Pipeline(model={self.model!r}, backend={self.backend!r}, device={self.device}, dtype={self.dtype})"
@@ -269,6 +278,7 @@ class Pipeline:
         number or one per ControlNet; see `sdrt.control`.
         See the module docstring for the modes and README.md for the contract."""
         timer = _PhaseTimer(self.device)
+        prompt, tag_loras = self._take_lora_tags(prompt, negative_prompt)  # <lora:NAME:W>: sdrt.lora.prompt_loras
         steps = check_steps(steps, self.limits)
         num_images = check_positive_int("num_images", num_images)
         if progress is not None and not callable(progress):
@@ -280,16 +290,20 @@ class Pipeline:
         prompt_options = self._prompt_options(clip_skip, prompt_chunking, emphasis)
         sched = make_scheduler(scheduler, self.scheduler_config, eta)
 
-        init_image = None if image is None else imgs.image_to_tensor(image)  # [1, 3, H, W] in [0, 1]
+        image_latents = imgs.latent_image(image)  # latents given as the image (a [n, 4, h, w] tensor), or None
+        init_image = None if image is None or image_latents is not None else imgs.image_to_tensor(image)  # [1, 3, H, W]
+        image_size = None if image is None else self._image_size(init_image, image_latents)
         control = check_control(len(self.controlnets), control_image, controlnet_conditioning_scale,
                                 control_guidance_start, control_guidance_end, guess_mode)
-        if control is not None and init_image is None and height is None and width is None:
+        if control is not None and image is None and height is None and width is None:
             height, width = control.size
-        height, width = self._size(height, width, init_image)
+        height, width = self._size(height, width, image_size)
         if control is not None:
             control.check_sizes(height, width)
-        if mask is not None and init_image is None:
+        if mask is not None and image is None:
             raise InvalidInputError("mask needs image: pass the image to inpaint as image=")
+        if mask is not None and image_latents is not None:
+            raise InvalidInputError("inpainting needs a pixel image, got latents (a 4-channel tensor) as image=")
         if self.is_inpainting_model and mask is None:
             raise InvalidInputError(f"{self.model} is a 9-channel inpainting model: pass image= and mask=")
         mask_px = None if mask is None else imgs.mask_to_tensor(mask, height, width)  # [1, 1, H, W] of 0/1
@@ -306,24 +320,28 @@ class Pipeline:
                                     f"{list(latents.shape) if torch.is_tensor(latents) else type(latents).__name__}")
         if latents is not None:
             _check_tensor("latents", latents)
+        if image_latents is not None and image_latents.shape[0] not in (1, batch):
+            raise InvalidInputError(f"latents given as image= must hold {'1 or ' * (batch > 1)}{batch} (one per "
+                                    f"image) latents, got {image_latents.shape[0]}")
         noise = NoiseSource(seed, batch)
-        start_strength = 1.0 if init_image is None else strength
-        schedule = sched.set_timesteps(steps, device=self.device, strength=start_strength)
-        start = sched.start_index(steps, start_strength)
+        schedule, start, add_noise = self._timesteps(sched, steps, 1.0 if image is None else strength,
+                                                     image is not None)
 
-        context = self._context(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts,
-                                num_images, cfg, prompt_options)
+        self._sync_tag_loras(tag_loras)
+        context, unet = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts,
+                                           num_images, cfg, prompt_options, (height, width),
+                                           image_mode=image is not None)
         timer.lap("encode_prompt")
 
-        start_state = self._prepare_latents(init_image, mask_px, latents, noise, shape, sched, schedule, start,
-                                            strength, cfg)
+        start_state = self._prepare_latents(init_image, image_latents, mask_px, latents, noise, shape, sched, schedule,
+                                            start, strength, cfg, add_noise)
         timer.lap("prepare_latents")
 
         total = len(schedule.timesteps) - start
         on_step = None if progress is None else (lambda i: progress(i - start + 1, total))
         controlled = {} if control is None else {"control": ControlResiduals(
             self.controlnets, control, batch, cfg, start, total, self.device, self.dtype)}
-        x = self.denoiser(self.unet, sched, schedule, start_state.latents, context, guidance, start,
+        x = self.denoiser(unet, sched, schedule, start_state.latents, context, guidance, start,
                           start_state.step_noise, condition=start_state.condition, blend=start_state.blend,
                           on_step=on_step, **controlled)
         if not torch.isfinite(x).all():
@@ -373,10 +391,16 @@ class Pipeline:
             advice += f"; compare this backend with the reference: sdrt check --backend {self.backend}"
         return advice
 
-    def _size(self, height, width, init_image) -> tuple[int, int]:
-        multiple = max(8, self.vae_scale_factor)
+    def _image_size(self, init_image: Optional[torch.Tensor], image_latents: Optional[torch.Tensor]) -> tuple[int, int]:
+        """(height, width) in pixels of the image given: pixels, or latents (their size x the VAE factor)."""
         if init_image is not None:
-            ih, iw = init_image.shape[-2:]
+            return tuple(init_image.shape[-2:])
+        return tuple(side * self.vae_scale_factor for side in image_latents.shape[-2:])
+
+    def _size(self, height, width, image_size: Optional[tuple[int, int]]) -> tuple[int, int]:
+        multiple = max(8, self.vae_scale_factor)
+        if image_size is not None:
+            ih, iw = image_size
             for name, want, got in (("height", height, ih), ("width", width, iw)):
                 if want is not None and want != got:
                     raise InvalidInputError(f"{name}={want} differs from the image's {name} {got}; "
@@ -416,6 +440,12 @@ class Pipeline:
         return options
 
     # -- stages
+    def _conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts: int,
+                      num_images: int, cfg: bool, options: PromptOptions, size: tuple[int, int], image_mode: bool):
+        """-> (the context, the U-Net the loop calls as unet(x, t, context)); SDXL binds its added conditioning."""
+        return self._context(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts, num_images,
+                             cfg, options), self.unet
+
     def _context(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts: int,
                  num_images: int, cfg: bool, options: PromptOptions) -> torch.Tensor:
         """[B, 77k, D], or [2B, 77k, D] = [uncond; cond] under CFG, each prompt repeated num_images times;
@@ -447,22 +477,34 @@ class Pipeline:
         uncond = uncond.to(self.device, self.dtype)
         return torch.cat([uncond.repeat_interleave(num_images, dim=0), cond.repeat_interleave(num_images, dim=0)])
 
-    def _prepare_latents(self, init_image, mask_px, latents, noise: NoiseSource, shape, sched, schedule,
-                         start: int, strength: float, cfg: bool) -> "_StartState":
-        """The loop's start: txt2img noise, img2img's noised image latents, or inpainting's latents with its
-        9-channel condition or 4-channel blend; and every step's noise, drawn in diffusers' order."""
+    def _timesteps(self, sched, steps: int, strength: float, image_mode: bool) -> tuple[Any, int, bool]:
+        """-> (the schedule, the start index, whether the start noises the image latents: always here; SDXL's
+        denoising_start starts from them as they are)."""
+        return (sched.set_timesteps(steps, device=self.device, strength=strength), sched.start_index(steps, strength),
+                True)
+
+    def _prepare_latents(self, init_image, image_latents, mask_px, latents, noise: NoiseSource, shape, sched, schedule,
+                         start: int, strength: float, cfg: bool, add_noise: bool = True) -> "_StartState":
+        """The loop's start: txt2img noise, img2img's noised image latents (or given latents), or inpainting's
+        latents with its 9-channel condition or 4-channel blend; and every step's noise, drawn in diffusers'
+        order. add_noise=False: the image latents are the start as they are (no start noise drawn for img2img)."""
         x_noise = None if latents is None else latents.detach().to("cpu", torch.float32)
         condition = blend = None
-        if init_image is None:
+        if init_image is None and image_latents is None:
             x_noise = noise.randn(shape) if x_noise is None else x_noise
             x = x_noise.to(self.device) * schedule.init_noise_sigma
         elif mask_px is None:
-            image_latents = self._encode_image(init_image * 2 - 1, noise.img2img_encode_noise(shape))
-            x_noise = noise.randn(shape) if x_noise is None else x_noise
-            x = sched.add_noise(image_latents.expand(shape), x_noise.to(self.device), start, schedule)
+            if image_latents is None:
+                image_latents = self._encode_image(init_image * 2 - 1, noise.img2img_encode_noise(shape))
+            image_latents = image_latents.to(self.device).expand(shape)
+            if add_noise:
+                x_noise = noise.randn(shape) if x_noise is None else x_noise
+                x = sched.add_noise(image_latents, x_noise.to(self.device), start, schedule)
+            else:
+                x = image_latents.contiguous()
         else:
             x, condition, blend = self._prepare_inpaint(init_image, mask_px, x_noise, noise, shape, sched, schedule,
-                                                        start, strength, cfg)
+                                                        start, strength, cfg, add_noise)
         step_noise = [None if n is None else n.to(self.device)
                       for n in noise.step_noise(schedule.noise_steps, start, shape)]
         return _StartState(x, step_noise, condition, blend)
@@ -487,17 +529,20 @@ class Pipeline:
         return sample * self.vae.scaling_factor
 
     def _prepare_inpaint(self, init_image, mask_px, x_noise, noise: NoiseSource, shape, sched, schedule, start: int,
-                         strength: float, cfg: bool):
+                         strength: float, cfg: bool, add_noise: bool = True):
         """-> (start latents, 9-channel U-Net condition or None, 4-channel LatentBlend or None), drawing from
-        the generators in diffusers' order: image latents (when used), start noise, masked-image latents."""
+        the generators in diffusers' order: image latents (when used), start noise, masked-image latents.
+        add_noise=False: the start is the image latents (the noise is still drawn, for the blend)."""
         batch, lat_shape = shape[0], (1, *shape[1:])
         full_strength = strength == 1.0
         image_latents = None
-        if not self.is_inpainting_model or not full_strength:
+        if not self.is_inpainting_model or not full_strength or not add_noise:
             image_latents = self._encode_image(init_image * 2 - 1, noise.randn_first(lat_shape)).expand(shape)
         x_noise = noise.randn(shape) if x_noise is None else x_noise
         x_noise = x_noise.to(self.device)
-        if full_strength:
+        if not add_noise:
+            x = image_latents.contiguous()
+        elif full_strength:
             x = x_noise * schedule.init_noise_sigma
         else:
             x = sched.add_noise(image_latents, x_noise, start, schedule)

@@ -29,6 +29,10 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."      # SD 1.x: OpenAI CLIP in transformers layout
 OPENCLIP_PREFIX = "cond_stage_model.model."        # SD 2.x: OpenCLIP ViT-H
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL base: CLIP ViT-L (transformers layout)
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."    # SDXL base: OpenCLIP bigG (the refiner's is embedders.0)
+SDXL_REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
+SDXL_VAE_SCALING = 0.13025  # SDXL's VAE latent scale (SD 1.x/2.x: 0.18215, VAEConfig's default)
 
 # leaf renames inside a block: our name -> original name
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -62,7 +66,8 @@ def unet_rules(cfg: UNetConfig) -> list[Rule]:
              Rule("conv_in.", "input_blocks.0.0."), Rule("conv_norm_out.", "out.0."), Rule("conv_out.", "out.2."),
              Rule("mid_block.resnets.0.", "middle_block.0.", _UNET_RESNET),
              Rule("mid_block.attentions.0.", "middle_block.1."),
-             Rule("mid_block.resnets.1.", "middle_block.2.", _UNET_RESNET)]
+             Rule("mid_block.resnets.1.", "middle_block.2.", _UNET_RESNET),
+             Rule("add_embedding.linear_1.", "label_emb.0.0."), Rule("add_embedding.linear_2.", "label_emb.0.2.")]
     for i in range(len(cfg.block_out_channels)):
         for j in range(cfg.layers_per_block):
             k = 1 + i * per + j
@@ -119,8 +124,9 @@ def convert(expected_keys: list[str], tensors: Mapping[str, torch.Tensor], prefi
             source: str) -> dict[str, torch.Tensor]:
     """Our state dict, read through `rules` from `tensors` (keys under `prefix`)."""
     out = {}
+    openclip = prefix in (OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX, SDXL_REFINER_OPENCLIP_PREFIX)
     for key in expected_keys:
-        special = _openclip_special(key, tensors, prefix) if prefix == OPENCLIP_PREFIX else None
+        special = _openclip_special(key, tensors, prefix) if openclip else None
         if special is not None:
             out[key] = special
             continue
@@ -138,9 +144,12 @@ def convert(expected_keys: list[str], tensors: Mapping[str, torch.Tensor], prefi
 
 
 def _openclip_special(key: str, tensors: Mapping[str, torch.Tensor], prefix: str) -> Optional[torch.Tensor]:
-    """OpenCLIP tensors with no one-to-one counterpart: the fused q/k/v projection and the positions."""
+    """OpenCLIP tensors with no one-to-one counterpart: the fused q/k/v projection, the positions and SDXL's
+    text projection (OpenCLIP multiplies x @ P [width, projection]; ours is a Linear, weight P^T)."""
     if key == "text_model.embeddings.position_embedding.weight":
         return _get(tensors, prefix + "positional_embedding")
+    if key == "text_projection.weight":
+        return _get(tensors, prefix + "text_projection").T.contiguous()
     m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key)
     if m:
         layer, which, kind = m.groups()
@@ -171,6 +180,8 @@ def infer_unet_config(t: Mapping[str, torch.Tensor]) -> UNetConfig:
     has_attn = [f"{p}input_blocks.{1 + i * per}.1.proj_in.weight" in t for i in range(levels)]
     proj_in = _get(t, f"{p}middle_block.1.proj_in.weight")
     context_dim = _get(t, f"{p}middle_block.1.transformer_blocks.0.attn2.to_k.weight").shape[1]
+    if is_sdxl(t):
+        return _sdxl_unet_config(t, conv_in, channels, has_attn, layers, per, context_dim)
     # the text tower decides (OpenCLIP = SD 2.x); the context width alone would miss narrower SD 2.x-style models
     sd2 = context_dim == 1024 or any(k.startswith(OPENCLIP_PREFIX) for k in t)
     # SD 1.x uses 8 heads everywhere; SD 2.x uses 64-wide heads (diffusers' attention_head_dim list)
@@ -183,6 +194,35 @@ def infer_unet_config(t: Mapping[str, torch.Tensor]) -> UNetConfig:
         attention_head_dim=heads, use_linear_projection=proj_in.dim() == 2, upcast_attention=sd2)
 
 
+def _sdxl_unet_config(t, conv_in, channels, has_attn, layers, per, context_dim) -> UNetConfig:
+    """SDXL: 64-wide heads, transformer depth per level (1 where a level has no attention), the "text_time"
+    added embedding: pooled projection + 6 size/crop ids (the base) or 5 with the aesthetic score (the refiner,
+    which has no CLIP ViT-L), each id addition_time_embed_dim wide."""
+    p = UNET_PREFIX
+    def depth(block: str) -> int:
+        return _count(t, re.escape(f"{p}{block}.1.transformer_blocks.") + r"(\d+)\.")
+
+    depths = tuple(depth(f"input_blocks.{1 + i * per}") if a else 1 for i, a in enumerate(has_attn))
+    if depth("middle_block") != depths[-1]:
+        raise ModelLoadError("SDXL single file: the middle block's transformer depth differs from the last level's")
+    added_in = _get(t, p + "label_emb.0.0.weight").shape[1]
+    bigg = SDXL_OPENCLIP_PREFIX if any(k.startswith(SDXL_CLIP_PREFIX) for k in t) else SDXL_REFINER_OPENCLIP_PREFIX
+    projection = _get(t, bigg + "text_projection").shape[1]
+    ids = 6 if bigg == SDXL_OPENCLIP_PREFIX else 5
+    if (added_in - projection) % ids or added_in <= projection:
+        raise ModelLoadError(f"SDXL single file: label_emb takes {added_in} inputs, not the {projection}-wide "
+                             f"pooled projection plus {ids} equal time ids")
+    return UNetConfig(
+        in_channels=conv_in.shape[1], out_channels=_get(t, p + "out.2.weight").shape[0],
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)),
+        block_out_channels=channels, layers_per_block=layers, cross_attention_dim=context_dim,
+        attention_head_dim=tuple(max(1, c // 64) for c in channels),
+        use_linear_projection=_get(t, f"{p}middle_block.1.proj_in.weight").dim() == 2,
+        transformer_layers_per_block=depths, addition_embed_type="text_time",
+        addition_time_embed_dim=(added_in - projection) // ids, projection_class_embeddings_input_dim=added_in)
+
+
 def infer_vae_config(t: Mapping[str, torch.Tensor]) -> VAEConfig:
     p = VAE_PREFIX
     levels = _count(t, re.escape(p) + r"encoder\.down\.(\d+)\.")
@@ -192,28 +232,49 @@ def infer_vae_config(t: Mapping[str, torch.Tensor]) -> VAEConfig:
         block_out_channels=tuple(_get(t, f"{p}encoder.down.{i}.block.0.conv1.weight").shape[0] for i in range(levels)),
         layers_per_block=_count(t, re.escape(p) + r"encoder\.down\.0\.block\.(\d+)\."),
         latent_channels=_get(t, p + "decoder.conv_in.weight").shape[1],
+        scaling_factor=SDXL_VAE_SCALING if is_sdxl(t) else VAEConfig.scaling_factor,
         mid_block_add_attention=f"{p}encoder.mid.attn_1.q.weight" in t)
 
 
 def infer_clip_config(t: Mapping[str, torch.Tensor]) -> tuple[CLIPTextConfig, bool]:
     """(config, is_openclip). OpenCLIP towers lose their last layer: SD 2.x conditions on the penultimate."""
     if any(k.startswith(OPENCLIP_PREFIX) for k in t):
-        p = OPENCLIP_PREFIX
-        tok = _get(t, p + "token_embedding.weight")
-        layers = _count(t, re.escape(p) + r"transformer\.resblocks\.(\d+)\.") - 1
-        return CLIPTextConfig(vocab_size=tok.shape[0], hidden_size=tok.shape[1],
-                              intermediate_size=_get(t, p + "transformer.resblocks.0.mlp.c_fc.weight").shape[0],
-                              num_hidden_layers=layers, num_attention_heads=tok.shape[1] // 64,
-                              max_position_embeddings=_get(t, p + "positional_embedding").shape[0],
-                              hidden_act="gelu"), True
-    p = CLIP_PREFIX + "text_model."
+        return _openclip_config(t, OPENCLIP_PREFIX, dropped_layers=1), True
+    return _clip_config(t, CLIP_PREFIX), False
+
+
+def _openclip_config(t: Mapping[str, torch.Tensor], p: str, dropped_layers: int) -> CLIPTextConfig:
+    tok = _get(t, p + "token_embedding.weight")
+    layers = _count(t, re.escape(p) + r"transformer\.resblocks\.(\d+)\.") - dropped_layers
+    projection = t.get(p + "text_projection")
+    return CLIPTextConfig(vocab_size=tok.shape[0], hidden_size=tok.shape[1],
+                          intermediate_size=_get(t, p + "transformer.resblocks.0.mlp.c_fc.weight").shape[0],
+                          num_hidden_layers=layers, num_attention_heads=max(1, tok.shape[1] // 64),
+                          max_position_embeddings=_get(t, p + "positional_embedding").shape[0], hidden_act="gelu",
+                          projection_dim=tok.shape[1] if projection is None else projection.shape[1])
+
+
+def _clip_config(t: Mapping[str, torch.Tensor], prefix: str) -> CLIPTextConfig:
+    p = prefix + "text_model."
     tok = _get(t, p + "embeddings.token_embedding.weight")
     return CLIPTextConfig(vocab_size=tok.shape[0], hidden_size=tok.shape[1],
                           intermediate_size=_get(t, p + "encoder.layers.0.mlp.fc1.weight").shape[0],
                           num_hidden_layers=_count(t, re.escape(p) + r"encoder\.layers\.(\d+)\."),
-                          num_attention_heads=tok.shape[1] // 64,
+                          num_attention_heads=max(1, tok.shape[1] // 64),
                           max_position_embeddings=_get(t, p + "embeddings.position_embedding.weight").shape[0],
-                          hidden_act="quick_gelu"), False
+                          hidden_act="quick_gelu")
+
+
+def sdxl_text_configs(t: Mapping[str, torch.Tensor]) -> tuple[Optional[CLIPTextConfig], CLIPTextConfig, str]:
+    """SDXL's towers: (CLIP ViT-L config or None for the refiner, OpenCLIP bigG config, bigG's prefix). Both are
+    kept whole (SDXL reads the penultimate layer and, from bigG, the final one too)."""
+    first = _clip_config(t, SDXL_CLIP_PREFIX) if any(k.startswith(SDXL_CLIP_PREFIX) for k in t) else None
+    prefix = SDXL_OPENCLIP_PREFIX if first is not None else SDXL_REFINER_OPENCLIP_PREFIX
+    return first, _openclip_config(t, prefix, dropped_layers=0), prefix
+
+
+def is_sdxl(tensors: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith("conditioner.embedders.") for k in tensors)
 
 
 def is_single_file(tensors: Mapping[str, torch.Tensor]) -> bool:

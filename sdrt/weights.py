@@ -2,7 +2,9 @@
 
 Modules are built on the meta device (no memory, no init) and receive the checkpoint's tensors with
 `load_state_dict(assign=True)`; safetensors files are memory-mapped, so loading costs about as much
-as reading the file. Every failure becomes a ModelLoadError that names the file and, where there is
+as reading the file. A tensor at a file offset that is not 64-byte aligned is copied into fresh memory:
+the CPU's BLAS and oneDNN kernels round differently on unaligned data, so the same weights from two files
+(a diffusers folder and a single file) would otherwise give slightly different pictures. Every failure becomes a ModelLoadError that names the file and, where there is
 one, the key.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from sdrt.errors import ModelLoadError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+ALIGNMENT = 64  # bytes, as torch's CPU allocator aligns
 _WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers components, transformers models
 
 
@@ -100,11 +103,16 @@ def assign_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], so
         if ref.is_floating_point() and not given[key].is_floating_point():
             raise ModelLoadError(f"{source}: tensor {key!r} has dtype {str(given[key].dtype).removeprefix('torch.')}; "
                                  f"weights must be floating point (float32, float16 or bfloat16)")
-    module.load_state_dict(given, strict=True, assign=True)
+    module.load_state_dict({k: _aligned(v) for k, v in given.items()}, strict=True, assign=True)
     # weights in a floating dtype follow `dtype`; integer buffers (none today) would keep theirs
     if dtype is not None or device is not None:
         module.to(device=device, dtype=dtype)
     return module.eval().requires_grad_(False)
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or a copy of it in memory aligned as torch's allocator aligns it, when it is not."""
+    return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
 
 
 def _more(keys: list) -> str:

@@ -30,15 +30,16 @@ def edited_copy(src, dst, file: str, **changes):
 
 
 @pytest.mark.parametrize("file,key,value", [
-    ("unet/config.json", "addition_embed_type", "text_time"),
-    ("unet/config.json", "transformer_layers_per_block", 2),
+    ("unet/config.json", "addition_embed_type", "image"),
+    ("unet/config.json", "addition_embed_type", "text_time"),  # SDXL's, without its dimensions
+    ("unet/config.json", "reverse_transformer_layers_per_block", [[1], [1]]),
     ("unet/config.json", "time_cond_proj_dim", 256),
     ("unet/config.json", "class_embed_type", "timestep"),
     ("unet/config.json", "mid_block_type", None),
     ("unet/config.json", "cross_attention_dim", [128, 128]),
     ("vae/config.json", "act_fn", "gelu"),
     ("vae/config.json", "shift_factor", 0.1159),
-    ("model_index.json", "_class_name", "StableDiffusionXLPipeline"),
+    ("model_index.json", "_class_name", "StableDiffusionXLControlNetPipeline"),
 ])
 def test_unsupported_value_is_refused_naming_key_and_value(sd1_folder, tmp_path, file, key, value):
     folder = edited_copy(sd1_folder, tmp_path / "model", file, **{key: value})

@@ -64,29 +64,64 @@ def server():
 @pytest.fixture(scope="module")
 def guarded():
     """One image per batch, a queue of 2, an API key."""
-    with ServerProcess(["--max-batch", "1", "--queue", "2", "--api-key-env", "SDRT_TEST_KEY", "--max-steps", "2000"],
+    with ServerProcess(["--max-batch", "1", "--queue", "2", "--api-key-env", "SDRT_TEST_KEY", "--max-steps", "1000"],
                        env={"SDRT_TEST_KEY": KEY}) as process:
         yield process
 
 
 @pytest.fixture(scope="module")
 def step_seconds(server) -> float:
-    """Seconds per denoising step of one image here, now (8 steps vs 2 on the batching server)."""
-    times = {}
-    for steps in (2, 8):
-        start = time.monotonic()
-        assert _txt2img(server, steps=steps, seed=9).status_code == 200
-        times[steps] = time.monotonic() - start
+    """Seconds per denoising step of one image here, now (8 steps vs 2 on the batching server).
+
+    The fastest of three runs each: other load on the machine only ever adds time, and an overestimate
+    would make the "slow" requests below too short to outlast a timeout or a queue check.
+    """
+    times = {2: float("inf"), 8: float("inf")}
+    for _ in range(3):
+        for steps in times:
+            start = time.monotonic()
+            assert _txt2img(server, steps=steps, seed=9).status_code == 200
+            times[steps] = min(times[steps], time.monotonic() - start)
     return max((times[8] - times[2]) / 6, 0.002)
 
 
 def _slow(step_seconds: float, seconds: float) -> int:
     """Steps that keep the worker busy for about `seconds`."""
-    return int(min(5000, max(20, seconds / step_seconds)))
+    return int(min(1000, max(20, seconds / step_seconds)))
 
 
 def _running(server: ServerProcess, headers=None) -> bool:
     return _metric(server, "sdrt_batch_running_images", headers) > 0
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    from sdxl_factories import save_sdxl
+    folder = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"
+    save_sdxl(folder)
+    return folder
+
+
+def test_an_sdxl_model_is_served_with_the_pipelines_pictures(sdxl_folder):
+    """SDXL goes through the same endpoints: txt2img and img2img equal the pipeline's own call for the seed
+    (under the server's batch-invariant CPU kernels)."""
+    import sdrt
+    from sdrt.serve.runner import batch_invariant_kernels
+    with ServerProcess(["--model", str(sdxl_folder), "--max-batch", "2"]) as server:
+        assert httpx.get(f"{server.url}/sdapi/v1/sd-models").json()[0]["model_name"] == "tiny-sdxl"
+        served = _txt2img(server, seed=7, steps=2, cfg_scale=5.0, width=64, height=64).json()
+        start = PIL.Image.fromarray(_png(served["images"][0]))
+        edited = httpx.post(f"{server.url}/sdapi/v1/img2img", json={
+            "prompt": PROMPT, "init_images": [_b64(start)], "steps": 4, "seed": 8, "cfg_scale": 5.0,
+            "sampler_name": "Euler a", "denoising_strength": 0.5}, timeout=600).json()
+    pipe = sdrt.load(sdxl_folder, device="cpu")
+    with batch_invariant_kernels(pipe.device):
+        # A1111's empty negative prompt is "" (encoded), not None (SDXL's zero negative embeddings)
+        same = {"negative_prompt": "", "guidance_scale": 5.0, "scheduler": "euler_a"}
+        alone = pipe(PROMPT, steps=2, seed=7, height=64, width=64, **same).images[0]
+        again = pipe(PROMPT, image=start, strength=0.5, steps=4, seed=8, **same).images[0]
+    assert np.array_equal(_png(served["images"][0]), np.asarray(alone.convert("RGB")))
+    assert np.array_equal(_png(edited["images"][0]), np.asarray(again.convert("RGB")))
 
 
 # ------------------------------------------------------------------------------------------ AUTOMATIC1111
@@ -291,9 +326,9 @@ def test_full_queue_is_a_503_with_retry_after_and_a_disconnect_is_dropped(guarde
 
 
 def test_a_request_over_the_timeout_is_a_504_and_sigterm_drains_with_exit_0(step_seconds):
-    with ServerProcess(["--max-batch", "1", "--max-steps", "5000", "--timeout", "3"]) as server:
+    with ServerProcess(["--max-batch", "1", "--max-steps", "1000", "--timeout", "3"]) as server:
         start = time.monotonic()
-        response = _txt2img(server, steps=_slow(step_seconds, 6))
+        response = _txt2img(server, steps=_slow(step_seconds, 12))
         assert response.status_code == 504 and time.monotonic() - start < 6, response.text
         assert "timeout" in response.json()["detail"]
         server.terminate()  # the batch of the timed-out request is still running: it finishes first
@@ -301,7 +336,7 @@ def test_a_request_over_the_timeout_is_a_504_and_sigterm_drains_with_exit_0(step
 
 
 def test_sigterm_finishes_the_running_batch_answers_the_queue_with_503_and_exits_0(step_seconds):
-    with ServerProcess(["--max-batch", "1", "--max-steps", "5000"]) as server:
+    with ServerProcess(["--max-batch", "1", "--max-steps", "1000"]) as server:
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             running = pool.submit(_txt2img, server, steps=_slow(step_seconds, 3), timeout=600)
             _wait_until(lambda: _running(server))
@@ -347,6 +382,7 @@ def test_importing_sdrt_imports_no_server_package():
     (["--port", "70000"], ["--port"]),
     (["--max-batch", "0"], ["--max-batch"]),
     (["--model", "/nonexistent/model"], ["/nonexistent/model"]),
+    (["--max-steps", "5000"], ["--max-steps 5000", "at most 1000 steps"]),
 ])
 def test_bad_serve_arguments_exit_2_with_one_line(args, words):
     env = {k: v for k, v in os.environ.items() if k != "SDRT_TEST_UNSET_VARIABLE"}

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import sdrt
 from factories import save_pipeline
 from sdrt.components import load_component, load_components
-from sdrt.weights import read_tensors
+from sdrt.weights import ALIGNMENT, read_tensors
 
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -190,3 +190,13 @@ def test_dtype_float16_prefers_fp16_file(model):
     assert half[key].dtype == torch.float16 and torch.equal(half[key], (-full[key]).half())
     assert single[key].dtype == torch.float32 and torch.equal(single[key], full[key])
     assert torch.equal(load_components(model, dtype=torch.float16).unet.state_dict()[key], (-full[key]).half())
+
+
+# ------------------------------------------------------------------------------------- alignment
+def test_weights_are_aligned_whatever_their_file_offsets(model):
+    """Memory-mapped tensors sit at arbitrary file offsets; BLAS rounds differently on unaligned data, so every
+    weight must land in aligned memory (else a folder and a single file with the same tensors differ)."""
+    assert any(t.data_ptr() % ALIGNMENT for t in read_tensors(model / UNET_WEIGHTS).values())  # the premise
+    unet = load_components(model).unet
+    misaligned = [k for k, t in unet.state_dict().items() if t.data_ptr() % ALIGNMENT]
+    assert not misaligned, misaligned[:3]

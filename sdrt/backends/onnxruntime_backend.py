@@ -8,6 +8,8 @@ stream, so nothing goes through host memory in the denoising loop.
 from __future__ import annotations
 
 import logging
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -39,12 +41,38 @@ class OrtModel:
                                                     "user_compute_stream": str(stream)})]
         else:
             providers = ["CPUExecutionProvider"]
+        self.path, self._providers = path, providers
+        self._overrides: dict[str, np.ndarray] = {}  # initializer name -> the value that replaces the file's
+        self.session = self._new_session()
+
+    def _new_session(self):
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.log_severity_level = 3  # fp16 graphs log one constant-folding warning per node on CPU
+        if self._overrides:
+            # ORT_ENABLE_ALL's layout transforms (NCHWc convs on CPU) read Conv weights from the file, ignoring
+            # add_initializer (onnxruntime 1.32: a zeroed conv_in override changed nothing); one level lower
+            # honours every override
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        # add_initializer keeps a reference only: the OrtValues must outlive the session
+        self._override_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._overrides.values()]
+        for name, value in zip(self._overrides, self._override_values):
+            options.add_initializer(name, value)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            return ort.InferenceSession(str(self.path), options, providers=self._providers)
         except Exception as e:  # onnxruntime raises its own untyped errors for unreadable graphs
-            raise ModelLoadError(f"{path}: ONNX Runtime cannot load this graph ({e})") from None
+            raise ModelLoadError(f"{self.path}: ONNX Runtime cannot load this graph ({e})") from None
+
+    def override_initializers(self, values: dict[str, Optional[np.ndarray]]) -> None:
+        """Rebuild the session with these initializers replaced (no re-export), e.g. with a LoRA fused;
+        None = back to the file's value. With no override left the session is built as at first."""
+        for name, value in values.items():
+            if value is None:
+                self._overrides.pop(name, None)
+            else:
+                self._overrides[name] = value
+        self.session = self._new_session()
 
     def __call__(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
         inputs = {n: inputs[n].to(self.device, self.contract.input_dtype(n, self.dtype)).contiguous()

@@ -7,6 +7,6 @@ from sdrt.components import Components
 
 
 def prepare(components: Components, device: torch.device, dtype: torch.dtype) -> Components:
-    for module in (components.text_encoder, components.unet, components.vae):
+    for module in components.modules():
         module.to(device=device, dtype=dtype)
     return components

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from sdrt.checks import check_positive_int
+from sdrt.cli import serve_ray
 from sdrt.cli.generate import _arg_type, _integer, _number
 from sdrt.errors import BackendUnavailableError, InvalidInputError
 
@@ -60,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="images per request (default 16)")
     p.add_argument("--max-body-mb", type=_non_negative_number("--max-body-mb"), default=32.0,
                    help="largest request body in MiB, base64 images included (default 32)")
+    serve_ray.add_arguments(p)
 
 
 def _port(text: str) -> int:
@@ -96,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without an API key (--api-key-env): anyone who can reach it can use it",
                     args.host)
+    if args.ray:
+        return serve_ray.run(args, api_key)
+    serve_ray.refuse_ray_options(args)
 
     import sdrt
     from sdrt.serve.app import create_app
@@ -110,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
     pipe_limits = sdrt.Limits(max_images=max(args.max_images, args.max_batch), max_steps=args.max_steps,
                               max_pixels=args.max_pixels)
     pipe = sdrt.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype, limits=pipe_limits)
+    train_steps = int(pipe.scheduler_config.get("num_train_timesteps", 1000))
+    if args.max_steps > train_steps:  # a request over it would fail inside the worker, a 500 instead of a 422
+        raise InvalidInputError(f"--max-steps {args.max_steps}: this model's schedulers take at most {train_steps} steps")
     loras = LoraLibrary(args.lora_dir, available=has_lora_api(pipe))
     if args.lora_dir is not None and not loras.available:
         log.warning("--lora-dir given, but this sdrt build has no LoRA support: requests naming a LoRA get 422")

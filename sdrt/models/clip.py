@@ -1,4 +1,5 @@
-"""CLIP text encoder: token ids -> last hidden state after the final layer norm.
+"""CLIP text encoder: token ids -> last hidden state after the final layer norm (and SDXL's readings:
+the penultimate layer, the pooled end-of-text state, its projection).
 
 One module covers SD 1.x (OpenAI ViT-L/14 text tower: quick_gelu, 12 layers, width 768) and SD 2.x
 (OpenCLIP ViT-H text tower as diffusers stores it: gelu, 23 layers, width 1024). Parameter names are
@@ -136,7 +137,45 @@ class CLIPTextModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
         if not 0 <= clip_skip < self.config.num_hidden_layers:
             raise InvalidInputError(f"clip_skip must be in [0, {self.config.num_hidden_layers - 1}], got {clip_skip}")
+        return self.text_model(self._checked(input_ids), clip_skip)
+
+    def _checked(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.dim() != 2 or input_ids.shape[1] > self.config.max_position_embeddings:
             raise InvalidInputError(f"input_ids must have shape [B, L] with L <= "
                                     f"{self.config.max_position_embeddings}, got {tuple(input_ids.shape)}")
-        return self.text_model(input_ids, clip_skip)
+        return input_ids
+
+    def penultimate(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's reading: (the second-to-last layer's output, no final norm [B, L, D]; the last hidden state)."""
+        model = self.text_model
+        penultimate = model.encoder(model.embeddings(self._checked(input_ids)), clip_skip=1)
+        return penultimate, model.final_layer_norm(model.encoder.layers[-1](penultimate))
+
+    def pooled(self, last_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The last hidden state at each sequence's end-of-text token -> [B, D] (transformers' pooler_output)."""
+        ids = input_ids.to(torch.int)
+        eos = ids.argmax(-1) if self.config.eos_token_id == 2 else (ids == self.config.eos_token_id).int().argmax(-1)
+        return last_hidden[torch.arange(last_hidden.shape[0], device=last_hidden.device), eos.to(last_hidden.device)]
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """SDXL's second text encoder (OpenCLIP bigG): CLIPTextModel plus `text_projection` of the pooled output."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__(cfg)
+        self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def text_embeds(self, last_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """-> [B, projection_dim]: transformers' CLIPTextModelWithProjection(...).text_embeds."""
+        return self.text_projection(self.pooled(last_hidden, input_ids))
+
+    def sdxl_states(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's two readings: (penultimate hidden states [B, L, D], text_embeds [B, projection_dim])."""
+        penultimate, last = self.penultimate(input_ids)
+        return penultimate, self.text_embeds(last, input_ids)
+
+
+def projection_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModelWithProjection checkpoint -> CLIPTextModelWithProjection's state dict."""
+    projection = {k: v for k, v in tensors.items() if k.startswith("text_projection.")}
+    return {**checkpoint_state_dict({k: v for k, v in tensors.items() if k not in projection}), **projection}

@@ -1,4 +1,5 @@
-"""UNet2DConditionModel for SD 1.x / 2.x: noise (or v) prediction from (latents, timestep, text context)."""
+"""UNet2DConditionModel for SD 1.x / 2.x / XL: noise (or v) prediction from (latents, timestep, text context),
+plus SDXL's added "text_time" conditioning (pooled text embeds and size/crop ids)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdrt.config import UNetConfig
+from sdrt.errors import InvalidInputError
 from sdrt.models.layers import Attention, Downsample, GroupNorm, ResnetBlock, Upsample, timestep_embedding
 
 _TRANSFORMER_NORM_EPS = 1e-6  # diffusers' Transformer2DModel GroupNorm
@@ -53,16 +55,16 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """diffusers' Transformer2DModel: GroupNorm, project in, one transformer block, project out, residual."""
+    """diffusers' Transformer2DModel: GroupNorm, project in, `depth` transformer blocks, project out, residual."""
 
-    def __init__(self, channels: int, heads: int, cfg: UNetConfig):
+    def __init__(self, channels: int, heads: int, cfg: UNetConfig, depth: int = 1):
         super().__init__()
         self.linear_projection = linear_projection = cfg.use_linear_projection
         self.norm = GroupNorm(cfg.norm_num_groups, channels, _TRANSFORMER_NORM_EPS)
         proj = (lambda: nn.Linear(channels, channels)) if linear_projection else (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList([
-            TransformerBlock(channels, heads, cfg.cross_attention_dim, cfg.upcast_attention)])
+            TransformerBlock(channels, heads, cfg.cross_attention_dim, cfg.upcast_attention) for _ in range(depth)])
         self.proj_out = proj()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -88,12 +90,12 @@ class DownBlock(nn.Module):
     """CrossAttnDownBlock2D (with `heads`) or DownBlock2D (heads=None)."""
 
     def __init__(self, in_channels: int, out_channels: int, cfg: UNetConfig, temb: int,
-                 heads: Optional[int], downsample: bool):
+                 heads: Optional[int], downsample: bool, depth: int = 1):
         super().__init__()
         g, eps = cfg.norm_num_groups, cfg.norm_eps
         self.resnets = nn.ModuleList([ResnetBlock(in_channels if i == 0 else out_channels, out_channels, g, eps, temb)
                                       for i in range(cfg.layers_per_block)])
-        self.attentions = nn.ModuleList([SpatialTransformer(out_channels, heads, cfg)
+        self.attentions = nn.ModuleList([SpatialTransformer(out_channels, heads, cfg, depth)
                                          for _ in range(cfg.layers_per_block)]) if heads else None
         self.downsamplers = nn.ModuleList([Downsample(out_channels, cfg.downsample_padding)]) if downsample else None
 
@@ -114,14 +116,14 @@ class UpBlock(nn.Module):
     """CrossAttnUpBlock2D (with `heads`) or UpBlock2D; consumes layers_per_block + 1 skip connections."""
 
     def __init__(self, prev_channels: int, out_channels: int, skip_in_channels: int, cfg: UNetConfig, temb: int,
-                 heads: Optional[int], upsample: bool):
+                 heads: Optional[int], upsample: bool, depth: int = 1):
         super().__init__()
         g, eps, n = cfg.norm_num_groups, cfg.norm_eps, cfg.layers_per_block + 1
         self.resnets = nn.ModuleList([
             ResnetBlock((prev_channels if i == 0 else out_channels) + (skip_in_channels if i == n - 1 else out_channels),
                         out_channels, g, eps, temb)
             for i in range(n)])
-        self.attentions = nn.ModuleList([SpatialTransformer(out_channels, heads, cfg)
+        self.attentions = nn.ModuleList([SpatialTransformer(out_channels, heads, cfg, depth)
                                          for _ in range(n)]) if heads else None
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
 
@@ -136,11 +138,11 @@ class UpBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int, cfg: UNetConfig, temb: int, heads: int):
+    def __init__(self, channels: int, cfg: UNetConfig, temb: int, heads: int, depth: int = 1):
         super().__init__()
         g, eps, scale = cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor
         self.resnets = nn.ModuleList([ResnetBlock(channels, channels, g, eps, temb, scale) for _ in range(2)])
-        self.attentions = nn.ModuleList([SpatialTransformer(channels, heads, cfg)])
+        self.attentions = nn.ModuleList([SpatialTransformer(channels, heads, cfg, depth)])
 
     def forward(self, x, temb, context) -> torch.Tensor:
         x = self.resnets[0](x, temb)
@@ -184,31 +186,38 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.config = cfg
-        ch, heads = cfg.block_out_channels, cfg.heads()
+        ch, heads, depths = cfg.block_out_channels, cfg.heads(), cfg.transformer_depths()
         temb = 4 * ch[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
+        # SDXL: [pooled text embeds, sinusoidal embedding of each size/crop id] -> added to the time embedding
+        self.add_embedding = (TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
+                              if cfg.addition_embed_type == "text_time" else None)
 
         last = len(ch) - 1
         self.down_blocks = nn.ModuleList([
             DownBlock(ch[max(i - 1, 0)], ch[i], cfg, temb,
-                      heads[i] if kind == "CrossAttnDownBlock2D" else None, downsample=i < last)
+                      heads[i] if kind == "CrossAttnDownBlock2D" else None, downsample=i < last, depth=depths[i])
             for i, kind in enumerate(cfg.down_block_types)])
-        self.mid_block = MidBlock(ch[-1], cfg, temb, heads[-1])
-        rch, rheads = tuple(reversed(ch)), tuple(reversed(heads))
+        self.mid_block = MidBlock(ch[-1], cfg, temb, heads[-1], depths[-1])
+        rch, rheads, rdepths = tuple(reversed(ch)), tuple(reversed(heads)), tuple(reversed(depths))
         self.up_blocks = nn.ModuleList([
             UpBlock(rch[max(i - 1, 0)], rch[i], rch[min(i + 1, last)], cfg, temb,
-                    rheads[i] if kind == "CrossAttnUpBlock2D" else None, upsample=i < last)
+                    rheads[i] if kind == "CrossAttnUpBlock2D" else None, upsample=i < last, depth=rdepths[i])
             for i, kind in enumerate(cfg.up_block_types)])
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps, silu=True)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int], context: torch.Tensor,
                 down_residuals: Optional[Sequence[torch.Tensor]] = None,
-                mid_residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mid_residual: Optional[torch.Tensor] = None, text_embeds: Optional[torch.Tensor] = None,
+                time_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         # sample: [B, in_channels, h, w]; timestep: scalar or [B]; context: [B, 77, cross_attention_dim]
         # down_residuals / mid_residual: a ControlNet's additions to every skip and to the mid block's output
+        # SDXL only: text_embeds [B, pooled width]; time_ids [B, n] (sizes and crops, or the refiner's score)
         temb = embed_timestep(self.time_embedding, self.config, timestep, sample)
+        if self.add_embedding is not None:
+            temb = temb + self._added_embedding(text_embeds, time_ids, sample.dtype)
         x, skips = encode(self, self.conv_in(sample), temb, context)
         if down_residuals is not None:
             skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
@@ -220,3 +229,18 @@ class UNet(nn.Module):
             # upsample to the next skip's size, so odd latent sizes line up as diffusers does
             x = block(x, block_skips, temb, context, upsample_size=skips[-1].shape[-2:] if skips else None)
         return self.conv_out(self.conv_norm_out(x))
+
+    def _added_embedding(self, text_embeds: Optional[torch.Tensor], time_ids: Optional[torch.Tensor],
+                         dtype: torch.dtype) -> torch.Tensor:
+        """diffusers' "text_time" embedding: [text_embeds, sinusoid(each id)] -> [B, T]."""
+        cfg = self.config
+        if text_embeds is None or time_ids is None:
+            raise InvalidInputError("this U-Net (addition_embed_type='text_time', SDXL) needs text_embeds and time_ids")
+        width = text_embeds.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
+        if text_embeds.dim() != 2 or time_ids.dim() != 2 or width != cfg.projection_class_embeddings_input_dim:
+            raise InvalidInputError(f"text_embeds [B, P] and time_ids [B, n] must give P + n * "
+                                    f"{cfg.addition_time_embed_dim} = {cfg.projection_class_embeddings_input_dim}, "
+                                    f"got {list(text_embeds.shape)} and {list(time_ids.shape)}")
+        ids = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+        added = torch.cat([text_embeds, ids.reshape(text_embeds.shape[0], -1).to(text_embeds.dtype)], dim=-1)
+        return self.add_embedding(added.to(dtype))

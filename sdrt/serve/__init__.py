@@ -14,4 +14,6 @@ Needs the `serve` extra (fastapi, uvicorn, prometheus_client); `import sdrt` nev
     middleware.py  bearer-token auth and the request body limit
     app.py         create_app(...): the FastAPI application
     server.py      uvicorn with a drain on SIGTERM
+    ray_batching.py   `sdrt serve --ray`: one replica's service, Ray's @serve.batch grouped by batch_key
+    ray_deployment.py `sdrt serve --ray`: the Ray Serve deployment (@serve.ingress of create_app's app)
 """
