@@ -6,6 +6,8 @@ Semantics follow diffusers' StableDiffusionControlNet{,Img2Img,Inpaint}Pipeline 
 - several ControlNets' residuals are summed in the order given;
 - a ControlNet is active at step j of the n the call runs (img2img: the truncated schedule) unless
   j / n < control_guidance_start or (j + 1) / n > control_guidance_end; inactive, it adds nothing;
+- an unset controlnet_conditioning_scale is the diffusers pipeline's default for the mode (`DEFAULT_SCALES`:
+  txt2img 1.0, img2img 0.8, inpainting 0.5);
 - guess mode under CFG runs the ControlNets on the conditional half alone (the unconditional half gets no
   residual) with the skips' scales ramped from 0.1 to 1 (see `sdrt.models.controlnet`).
 """
@@ -24,6 +26,8 @@ from sdrt.errors import InvalidInputError
 from sdrt.models.controlnet import ControlNet
 
 Number = Union[float, int]
+# diffusers' default controlnet_conditioning_scale per mode (StableDiffusionControlNet{,Img2Img,Inpaint}Pipeline)
+DEFAULT_SCALES = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 0.5}
 
 
 @dataclass(frozen=True)
@@ -76,13 +80,13 @@ def _fraction(name: str, value: Any) -> float:
     return value
 
 
-def check_control(n_nets: int, control_image: Any, scale: Any, start: Any, end: Any,
-                  guess_mode: Any) -> Optional[ControlRequest]:
+def check_control(n_nets: int, control_image: Any, scale: Any, start: Any, end: Any, guess_mode: Any,
+                  default_scale: float) -> Optional[ControlRequest]:
     """The control arguments of a call on a pipeline with `n_nets` ControlNets; None when it has none
-    (and then every control argument must be left at its default)."""
+    (and then every control argument must be left at its default). scale None: `default_scale`."""
     if n_nets == 0:
-        if control_image is not None or guess_mode is not False:
-            raise InvalidInputError("control_image and guess_mode need a ControlNet: "
+        if control_image is not None or guess_mode is not False or scale is not None:
+            raise InvalidInputError("control_image, controlnet_conditioning_scale and guess_mode need a ControlNet: "
                                     "load the model with sdrt.load(model, controlnet=PATH)")
         return None
     if control_image is None:
@@ -109,7 +113,7 @@ def check_control(n_nets: int, control_image: Any, scale: Any, start: Any, end: 
         if s >= e:
             raise InvalidInputError(f"{_name('control_guidance_start', i, n_nets)}={s} must be below "
                                     f"{_name('control_guidance_end', i, n_nets)}={e}")
-    scales = _per_net("controlnet_conditioning_scale", scale, n_nets, _number)
+    scales = _per_net("controlnet_conditioning_scale", default_scale if scale is None else scale, n_nets, _number)
     return ControlRequest(images, scales, starts, ends, guess_mode)
 
 

@@ -32,7 +32,7 @@ from sdrt.backends import BACKENDS, prepare_backend
 from sdrt.checks import (Limits, check_guidance, check_image_count, check_output, check_pixels, check_positive_int,
                          check_size, check_steps, check_text, strength_or_default)
 from sdrt.components import BUNDLED_MODEL, Components, load_components
-from sdrt.control import ControlResiduals, check_control
+from sdrt.control import DEFAULT_SCALES, ControlResiduals, check_control
 from sdrt.controlnet_loading import check_controlnet_backend, load_controlnets
 from sdrt.denoise import LatentBlend, denoise
 from sdrt.errors import InvalidInputError, ModelLoadError, NumericalError
@@ -245,6 +245,7 @@ class Pipeline(LoraMixin):
         # the loop runner: `denoise` itself, or a `DenoiseGraphs` replaying captured loops (same signature)
         self.denoiser: Callable[..., torch.Tensor] = denoise
         self.controlnets: list = []  # sdrt.models.controlnet.ControlNet, set by load(controlnet=...)
+        self.control_scale_defaults = DEFAULT_SCALES  # per mode, as the diffusers ControlNet pipelines
         self.embedding_tokens: dict[str, list[int]] = {}  # textual inversion: token -> its vectors' ids
         self.text_layers = (0 if components.text_encoder is None  # clip_skip's bound (an SDXL refiner: no encoder 1)
                             else components.text_encoder.config.num_hidden_layers)
@@ -261,7 +262,7 @@ class Pipeline(LoraMixin):
                  output: str = "pil", progress: Optional[Callable[[int, int], None]] = None,
                  clip_skip: Optional[int] = None, prompt_chunking: bool = True,
                  emphasis: str = "original", control_image: Any = None,
-                 controlnet_conditioning_scale: Union[float, Sequence[float]] = 1.0,
+                 controlnet_conditioning_scale: Union[float, Sequence[float], None] = None,
                  control_guidance_start: Union[float, Sequence[float]] = 0.0,
                  control_guidance_end: Union[float, Sequence[float]] = 1.0,
                  guess_mode: bool = False) -> GenerationResult:
@@ -275,7 +276,8 @@ class Pipeline(LoraMixin):
         | "none"); clip_skip=N uses the text encoder's hidden state N layers before the last.
         With ControlNets (`load(controlnet=...)`): control_image, one image (a list: one per ControlNet) of the
         output's size, which it sets when height, width and image are not given; the scale, start and end are a
-        number or one per ControlNet; see `sdrt.control`.
+        number or one per ControlNet; an unset scale is diffusers' default for the mode (txt2img 1.0, img2img
+        0.8, inpainting 0.5); see `sdrt.control`.
         See the module docstring for the modes and README.md for the contract."""
         timer = _PhaseTimer(self.device)
         prompt, tag_loras = self._take_lora_tags(prompt, negative_prompt)  # <lora:NAME:W>: sdrt.lora.prompt_loras
@@ -294,7 +296,9 @@ class Pipeline(LoraMixin):
         init_image = None if image is None or image_latents is not None else imgs.image_to_tensor(image)  # [1, 3, H, W]
         image_size = None if image is None else self._image_size(init_image, image_latents)
         control = check_control(len(self.controlnets), control_image, controlnet_conditioning_scale,
-                                control_guidance_start, control_guidance_end, guess_mode)
+                                control_guidance_start, control_guidance_end, guess_mode,
+                                self.control_scale_defaults["txt2img" if image is None else
+                                                            "img2img" if mask is None else "inpaint"])
         if control is not None and image is None and height is None and width is None:
             height, width = control.size
         height, width = self._size(height, width, image_size)
