@@ -39,7 +39,7 @@ def denoise(unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: T
             guidance_scale: Union[float, Sequence[float], Tensor], start: int, step_noise: Sequence[Optional[Tensor]], *,
             condition: Optional[Tensor] = None, blend: Optional[LatentBlend] = None,
             on_step: Optional[Callable[[int], None]] = None, cfg: Optional[bool] = None,
-            added: Optional[Mapping[str, Tensor]] = None) -> Tensor:
+            control: Optional[Callable[..., dict]] = None, added: Optional[Mapping[str, Tensor]] = None) -> Tensor:
     """latents: [B, 4, h, w] float32 at step `start`; context: [B or 2B, 77, D] ([uncond; cond] under CFG);
     step_noise[i]: the noise step i takes, or None; condition: extra U-Net input channels appended after
     scaling (the 9-channel inpainting U-Net's [mask, masked-image latents], already CFG-batched);
@@ -48,7 +48,8 @@ def denoise(unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: T
 
     guidance_scale may be a list, one scale per sample; or a 0-d or [B, 1, 1, 1] device tensor (a CUDA
     graph's static input, so a new scale needs no recapture); `cfg` then says whether the context holds
-    the [uncond; cond] batch."""
+    the [uncond; cond] batch. control(x, i, timestep, context): the ControlNets' U-Net keyword arguments for
+    step i from the scaled 4-channel input (`sdrt.control.ControlResiduals`)."""
     if torch.is_tensor(guidance_scale):
         if cfg is None:
             raise InvalidInputError("cfg must be given (True/False) when guidance_scale is a tensor")
@@ -64,9 +65,10 @@ def denoise(unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: T
     state = scheduler.init_state(latents)
     for i in range(start, len(schedule.timesteps)):
         x = scheduler.scale_model_input(torch.cat([latents, latents]) if cfg else latents, i, schedule)
+        residuals = {} if control is None else control(x.to(model_dtype), i, schedule.timesteps[i], context)
         if condition is not None:
             x = torch.cat([x, condition], dim=1)
-        out = unet(x.to(model_dtype), schedule.timesteps[i], context, **added)
+        out = unet(x.to(model_dtype), schedule.timesteps[i], context, **added, **residuals)
         noise_pred = combine(out.float(), guidance_scale) if cfg else out.float()
         latents = scheduler.step(noise_pred, i, latents, schedule, noise=step_noise[i], state=state)
         if blend is not None:

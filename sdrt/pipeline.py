@@ -32,6 +32,8 @@ from sdrt.backends import BACKENDS, prepare_backend
 from sdrt.checks import (Limits, check_guidance, check_image_count, check_output, check_pixels, check_positive_int,
                          check_size, check_steps, check_text, strength_or_default)
 from sdrt.components import BUNDLED_MODEL, Components, load_components
+from sdrt.control import DEFAULT_SCALES, ControlResiduals, check_control
+from sdrt.controlnet_loading import check_controlnet_backend, load_controlnets
 from sdrt.denoise import LatentBlend, denoise
 from sdrt.errors import InvalidInputError, ModelLoadError, NumericalError
 from sdrt.graphs import DenoiseGraphs, GraphCache
@@ -62,7 +64,8 @@ class GenerationResult:
 def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device: Union[str, torch.device, None] = None,
          dtype: Union[str, torch.dtype, None] = None, tokenizer: Union[str, Path, None] = None,
          cuda_graphs: Optional[bool] = None, prediction_type: Optional[str] = None,
-         limits: Optional[Limits] = None, lora_dirs: Optional[Sequence[Union[str, Path]]] = None) -> "Pipeline":
+         limits: Optional[Limits] = None, lora_dirs: Optional[Sequence[Union[str, Path]]] = None,
+         controlnet: Union[str, Path, Sequence[Union[str, Path]], None] = None) -> "Pipeline":
     """A ready pipeline. `model`: a diffusers folder or a single-file .safetensors checkpoint; None = the bundled
     tiny model. The tokenizer: the `tokenizer` folder, else the model's `tokenizer/` (for a single file, one beside
     it), else CLIP's vocabulary bundled with sdrt, with SD 1.x's or SD 2.x's pad token.
@@ -73,9 +76,12 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     cuda_graphs: capture the denoising loop in CUDA graphs (see `sdrt.graphs`, `Pipeline.warmup`); default
     on for the triton backend on CUDA; the torch backend on CUDA may opt in; other backends and the CPU cannot.
     limits: the bounds on each call (`sdrt.Limits`); default `Limits.from_env()`, the SDRT_MAX_* variables.
-    lora_dirs: folders in which prompts' `<lora:NAME:WEIGHT>` tags find NAME (see `sdrt.lora.prompt_loras`)."""
+    lora_dirs: folders in which prompts' `<lora:NAME:WEIGHT>` tags find NAME (see `sdrt.lora.prompt_loras`).
+    controlnet: a ControlNet (diffusers folder or single file) or a list of them, each checked to fit the model;
+    calls then take control_image= (see `Pipeline.__call__`, `sdrt.control`)."""
     _check_path("model", model)
     folders = None if lora_dirs is None else lora_folders(lora_dirs)
+    check_controlnet_backend(controlnet, backend, cuda_graphs)
     _check_path("tokenizer", tokenizer)
     if backend not in BACKENDS:
         raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -90,6 +96,9 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
                                  prediction_type=prediction_type)
     pipe = _assemble(components, backend, device, dtype, graphed, limits)
     pipe._lora_folders = folders
+    if controlnet is not None:
+        pipe.controlnets = load_controlnets(controlnet, dtype, device, pipe.unet.config, pipe.vae_scale_factor,
+                                            pipe.model)
     return pipe
 
 
@@ -235,6 +244,8 @@ class Pipeline(LoraMixin):
         self.native_size = (side, side)  # (height, width) the model was trained at
         # the loop runner: `denoise` itself, or a `DenoiseGraphs` replaying captured loops (same signature)
         self.denoiser: Callable[..., torch.Tensor] = denoise
+        self.controlnets: list = []  # sdrt.models.controlnet.ControlNet, set by load(controlnet=...)
+        self.control_scale_defaults = DEFAULT_SCALES  # per mode, as the diffusers ControlNet pipelines
         self.embedding_tokens: dict[str, list[int]] = {}  # textual inversion: token -> its vectors' ids
         self.text_layers = (0 if components.text_encoder is None  # clip_skip's bound (an SDXL refiner: no encoder 1)
                             else components.text_encoder.config.num_hidden_layers)
@@ -250,7 +261,11 @@ class Pipeline(LoraMixin):
                  prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_embeds: Optional[torch.Tensor] = None,
                  output: str = "pil", progress: Optional[Callable[[int, int], None]] = None,
                  clip_skip: Optional[int] = None, prompt_chunking: bool = True,
-                 emphasis: str = "original") -> GenerationResult:
+                 emphasis: str = "original", control_image: Any = None,
+                 controlnet_conditioning_scale: Union[float, Sequence[float], None] = None,
+                 control_guidance_start: Union[float, Sequence[float]] = 0.0,
+                 control_guidance_end: Union[float, Sequence[float]] = 1.0,
+                 guess_mode: bool = False) -> GenerationResult:
         """Generate images; `progress(done, total)` is called after every denoising step.
         strength: how much of the image to redo, in [0, 1]; None = diffusers' default for the mode
         (img2img 0.8, inpainting 1.0).
@@ -259,6 +274,10 @@ class Pipeline(LoraMixin):
         Prompts (see `sdrt.prompt_encoding`): longer than 75 tokens they are encoded in 75-token chunks
         (prompt_chunking=False truncates instead); `(word:1.3)` emphasis per `emphasis` ("original" | "no_norm"
         | "none"); clip_skip=N uses the text encoder's hidden state N layers before the last.
+        With ControlNets (`load(controlnet=...)`): control_image, one image (a list: one per ControlNet) of the
+        output's size, which it sets when height, width and image are not given; the scale, start and end are a
+        number or one per ControlNet; an unset scale is diffusers' default for the mode (txt2img 1.0, img2img
+        0.8, inpainting 0.5); see `sdrt.control`.
         See the module docstring for the modes and README.md for the contract."""
         timer = _PhaseTimer(self.device)
         prompt, tag_loras = self._take_lora_tags(prompt, negative_prompt)  # <lora:NAME:W>: sdrt.lora.prompt_loras
@@ -276,7 +295,15 @@ class Pipeline(LoraMixin):
         image_latents = imgs.latent_image(image)  # latents given as the image (a [n, 4, h, w] tensor), or None
         init_image = None if image is None or image_latents is not None else imgs.image_to_tensor(image)  # [1, 3, H, W]
         image_size = None if image is None else self._image_size(init_image, image_latents)
+        control = check_control(len(self.controlnets), control_image, controlnet_conditioning_scale,
+                                control_guidance_start, control_guidance_end, guess_mode,
+                                self.control_scale_defaults["txt2img" if image is None else
+                                                            "img2img" if mask is None else "inpaint"])
+        if control is not None and image is None and height is None and width is None:
+            height, width = control.size
         height, width = self._size(height, width, image_size)
+        if control is not None:
+            control.check_sizes(height, width)
         if mask is not None and image is None:
             raise InvalidInputError("mask needs image: pass the image to inpaint as image=")
         if mask is not None and image_latents is not None:
@@ -316,9 +343,11 @@ class Pipeline(LoraMixin):
 
         total = len(schedule.timesteps) - start
         on_step = None if progress is None else (lambda i: progress(i - start + 1, total))
+        controlled = {} if control is None else {"control": ControlResiduals(
+            self.controlnets, control, batch, cfg, start, total, self.device, self.dtype)}
         x = self.denoiser(self.unet, sched, schedule, start_state.latents, context, guidance, start,
                           start_state.step_noise, condition=start_state.condition, blend=start_state.blend,
-                          on_step=on_step, added=added)
+                          on_step=on_step, added=added, **controlled)
         if not torch.isfinite(x).all():
             raise NumericalError(f"the final latents hold NaN or inf ({self._run_name()}); {self._nan_advice('loop')}")
         timer.lap("denoise")
