@@ -265,7 +265,8 @@ class Pipeline(LoraMixin):
                  controlnet_conditioning_scale: Union[float, Sequence[float], None] = None,
                  control_guidance_start: Union[float, Sequence[float]] = 0.0,
                  control_guidance_end: Union[float, Sequence[float]] = 1.0,
-                 guess_mode: bool = False) -> GenerationResult:
+                 guess_mode: bool = False, control_preprocess: Union[str, Sequence[Optional[str]], None] = None
+                 ) -> GenerationResult:
         """Generate images; `progress(done, total)` is called after every denoising step.
         strength: how much of the image to redo, in [0, 1]; None = diffusers' default for the mode
         (img2img 0.8, inpainting 1.0).
@@ -277,7 +278,8 @@ class Pipeline(LoraMixin):
         With ControlNets (`load(controlnet=...)`): control_image, one image (a list: one per ControlNet) of the
         output's size, which it sets when height, width and image are not given; the scale, start and end are a
         number or one per ControlNet; an unset scale is diffusers' default for the mode (txt2img 1.0, img2img
-        0.8, inpainting 0.5); see `sdrt.control`.
+        0.8, inpainting 0.5); control_preprocess: a preprocessor name such as "canny" (or one per ControlNet,
+        None = ready) run on the control images first; see `sdrt.control`, `sdrt.control_preprocess`.
         See the module docstring for the modes and README.md for the contract."""
         timer = _PhaseTimer(self.device)
         prompt, tag_loras = self._take_lora_tags(prompt, negative_prompt)  # <lora:NAME:W>: sdrt.lora.prompt_loras
@@ -298,7 +300,8 @@ class Pipeline(LoraMixin):
         control = check_control(len(self.controlnets), control_image, controlnet_conditioning_scale,
                                 control_guidance_start, control_guidance_end, guess_mode,
                                 self.control_scale_defaults["txt2img" if image is None else
-                                                            "img2img" if mask is None else "inpaint"])
+                                                            "img2img" if mask is None else "inpaint"],
+                                control_preprocess)
         if control is not None and image is None and height is None and width is None:
             height, width = control.size
         height, width = self._size(height, width, image_size)
