@@ -38,6 +38,12 @@ def _image() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
 
 
+def _mask() -> np.ndarray:
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[4:12, 2:10] = 255
+    return mask
+
+
 def _both(pipe, runner, **settings):
     """(eager result or error type, graphed result or error type) of one pipeline call."""
     outcomes = []
@@ -56,10 +62,14 @@ def _both(pipe, runner, **settings):
     ("base", dict(guidance_scale=5.0, scheduler="euler_a")),
     ("base", dict(guidance_scale=5.0, image=_image(), strength=0.7, original_size=(32, 24))),
     ("refiner", dict(guidance_scale=5.0, image=_image(), strength=0.7, aesthetic_score=7.0, scheduler="ddim")),
+    ("base", dict(guidance_scale=5.0, image=_image(), mask=_mask(), strength=0.8)),  # blend + added inputs
+    ("base", dict(guidance_scale=5.0, steps=4, denoising_end=0.5, scheduler="euler")),
+    ("refiner", dict(guidance_scale=5.0, steps=4, image=torch.randn(1, 4, 8, 8), denoising_start=0.5,  # latents
+                     scheduler="euler")),
 ])
 def test_graph_runner_equals_the_eager_loop(pipes, name, extra):
-    eager, graphed = _both(pipes[name], DenoiseGraphs(GraphCache(), capture=False), prompt="a red cube", steps=2,
-                           seed=3, output="latent", **extra)
+    settings = dict(prompt="a red cube", steps=2, seed=3, output="latent") | extra
+    eager, graphed = _both(pipes[name], DenoiseGraphs(GraphCache(), capture=False), **settings)
     assert torch.is_tensor(eager) and torch.equal(graphed, eager)
 
 
