@@ -4,10 +4,14 @@ Rows on CUDA (SD 1.5 config, 512x512, batch 1, 50 DDIM steps, CFG 7.5, fp16):
   sdrt torch (eager) | sdrt triton (CUDA graphs) | diffusers eager (SDPA) | diffusers + torch.compile
   (mode max-autotune, last so a compile over its budget cannot disturb the others), then secondary rows
   (20 steps, 2 runs): batch 4, and the SD 2.1 config (768x768, v-prediction), for sdrt triton and diffusers eager.
-Rows on a CPU (fp32; the tiny config unless --model names another, e.g. sd15 at --size 256/512): sdrt torch,
-  diffusers eager, sdrt onnxruntime and sdrt openvino (each skipped with its reason when its package is missing),
-  run `repeats` times interleaved (A B C D A B C D: load from other processes on a shared machine falls on every row
-  alike) and merged per row; each repetition builds its pipeline afresh (one full-size model in memory at a time).
+Rows on a CPU (fp32, the tiny config, few steps): sdrt torch, diffusers eager, sdrt onnxruntime and sdrt openvino
+  (each skipped with its reason when its package is missing; SD configs: SDXL's get the first two).
+`model=` (`sdrt bench --model random:NAME`) runs the main rows on another config at its native size (or `size=`),
+without the secondary rows: `sdxl` is SDXL base 1.0's config at 1024x1024, 30 DDIM steps, CFG 5.0 (diffusers' SDXL
+default), against diffusers' StableDiffusionXLPipeline; `tiny-sdxl` is its CPU-sized twin. A full-size config on a
+CPU (e.g. `random:sd15 --size 256`) defaults to 3 steps, one timed loop and run per repetition, and 2 repetitions:
+the main rows run `repeats` times interleaved (A B C D A B C D: load from other processes on a shared machine falls
+on every row alike), each building its pipeline afresh (one full-size model in memory at a time), merged per row.
 
 Measured per row:
   - U-Net it/s: steps / wall time of a generation from prompt embeddings to latents (the denoising loop
@@ -38,7 +42,8 @@ import numpy as np
 import torch
 
 from sdrt.bench.models import diffusers_pipeline
-from sdrt.errors import BackendUnavailableError
+from sdrt.bench.prompt_inputs import diffusers_prompt_inputs, sdrt_prompt_inputs
+from sdrt.errors import BackendUnavailableError, InvalidInputError
 from sdrt.models import random_weights
 
 log = logging.getLogger(__name__)
@@ -93,15 +98,20 @@ def unet_tflop_per_step(model: str, case: Case) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from sdrt.models.unet import UNet
-    _, ucfg, vcfg, _ = random_weights.CONFIGS[model]
+    ucfg, vcfg = random_weights.unet_vae_configs(model)
     side = case.size // vcfg.downsample_factor
     n = case.batch * (2 if case.guidance > 1 else 1)
     with torch.device("meta"):
         unet = UNet(ucfg)
         x, ctx = torch.randn(n, 4, side, side), torch.randn(n, 77, ucfg.cross_attention_dim)
         t = torch.tensor(500)
+        added = {}
+        if model in random_weights.SDXL_CONFIGS:  # pooled text embeds and the 6 size/crop ids
+            width = random_weights.SDXL_CONFIGS[model][1].projection_dim
+            ids = (ucfg.projection_class_embeddings_input_dim - width) // ucfg.addition_time_embed_dim
+            added = dict(text_embeds=torch.randn(n, width), time_ids=torch.randn(n, ids))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        unet(x, t, ctx)
+        unet(x, t, ctx, **added)
     return counter.get_total_flops() / 1e12
 
 
@@ -200,13 +210,12 @@ def sdrt_row(backend: str, dtype: torch.dtype, case: Case, device: torch.device,
     ids = _ids(pipe.tokenizer, case, device)
     settings = dict(steps=case.steps, guidance_scale=case.guidance, height=case.size, width=case.size)
     with torch.inference_mode():
-        embeds = pipe.text_encoder(ids)
+        embeds = sdrt_prompt_inputs(pipe, ids, case.batch)
 
-    def generate(seed: int, context: Optional[torch.Tensor], output: str):
+    def generate(seed: int, inputs: Optional[dict], output: str):
         with torch.inference_mode():
-            context = pipe.text_encoder(ids) if context is None else context
-            return pipe(prompt_embeds=context[case.batch:], negative_prompt_embeds=context[:case.batch],
-                        seed=seed, output=output, **settings)
+            inputs = sdrt_prompt_inputs(pipe, ids, case.batch) if inputs is None else inputs
+            return pipe(**inputs, seed=seed, output=output, **settings)
 
     label = f"sdrt {backend}" + (" (graphed)" if isinstance(pipe.denoiser, DenoiseGraphs) else "")
     row = measure(label, dtype, case, device, lambda s: generate(s, None, "np"),
@@ -229,15 +238,14 @@ def diffusers_row(dtype: torch.dtype, case: Case, device: torch.device, flops: O
     del parts
     ids = _ids(random_weights.byte_tokenizer(), case, device)
     with torch.inference_mode():
-        embeds = pipe.text_encoder(ids)[0]
+        embeds = diffusers_prompt_inputs(pipe, ids, case.batch)
     settings = dict(num_inference_steps=case.steps, guidance_scale=case.guidance, height=case.size, width=case.size)
 
-    def generate(seed: int, context: Optional[torch.Tensor], output_type: str):
+    def generate(seed: int, inputs: Optional[dict], output_type: str):
         with torch.inference_mode():
-            context = pipe.text_encoder(ids)[0] if context is None else context
+            inputs = diffusers_prompt_inputs(pipe, ids, case.batch) if inputs is None else inputs
             gen = torch.Generator("cpu").manual_seed(seed)
-            return pipe(prompt_embeds=context[case.batch:], negative_prompt_embeds=context[:case.batch],
-                        generator=gen, output_type=output_type, **settings)
+            return pipe(**inputs, generator=gen, output_type=output_type, **settings)
 
     if compile_budget_s is not None:
         pipe.unet = torch.compile(pipe.unet, mode=compile_mode, fullgraph=False)
@@ -295,35 +303,50 @@ def _diffusers_available() -> Optional[str]:
     return None
 
 
-def run_bench(device: torch.device, *, model: Optional[str] = None, size: Optional[int] = None,
-              steps: Optional[int] = None, runs: Optional[int] = None, repeats: Optional[int] = None,
+def model_case(model: str, device: torch.device, steps: Optional[int], runs: Optional[int],
+               size: Optional[int] = None) -> Case:
+    """The main case of `model` (a random_weights name) at its native size (or `size`): batch 1, CFG (5.0 for
+    SDXL, as diffusers' SDXL pipeline defaults, else 7.5); SDXL 30 steps, others 50 on CUDA; 10 on a CPU, and 3
+    for a full-size config there (one U-Net call takes seconds on 2 cores: one timed loop and run)."""
+    if model not in random_weights.MODELS:
+        raise InvalidInputError(f"model must be one of {', '.join('random:' + m for m in random_weights.MODELS)}, "
+                                f"got {'random:' + model!r}")
+    ucfg, vcfg = random_weights.unet_vae_configs(model)
+    sdxl = model in random_weights.SDXL_CONFIGS
+    full_size_cpu = device.type != "cuda" and not model.startswith("tiny")
+    default_steps = (3 if full_size_cpu else 10) if device.type != "cuda" else 30 if sdxl else 50
+    default_runs = 1 if full_size_cpu else 3 if device.type == "cuda" and sdxl else 5
+    return Case(model, 1, size or ucfg.sample_size * vcfg.downsample_factor, steps or default_steps,
+                guidance=5.0 if sdxl else 7.5, runs=runs or default_runs, loop_runs=1 if full_size_cpu else 3)
+
+
+def run_bench(device: torch.device, *, steps: Optional[int] = None, runs: Optional[int] = None,
               compile_budget_s: float = 180.0, compile_mode: str = "max-autotune", secondary: bool = True,
-              rows: Optional[set[str]] = None, on_row: Optional[Callable[[dict], None]] = None) -> dict:
+              rows: Optional[set[str]] = None, on_row: Optional[Callable[[dict], None]] = None,
+              model: Optional[str] = None, size: Optional[int] = None, repeats: Optional[int] = None) -> dict:
     """All rows for `device`; `rows` limits them by name prefix (e.g. {"sdrt", "diffusers eager"}).
-    model/size: the main case (default: sd15 at 512 on CUDA, tiny at 16 on a CPU). repeats: how many times the
-    main rows run, interleaved (default 1; 2 on a CPU for full-size models). `on_row(result so far)` is called
-    after every row, so a run killed midway still leaves its rows."""
+    `model`: a random_weights name for the main rows instead of the device's default (then no secondary rows);
+    `size`: its image side. repeats: how many times the main rows run, interleaved (default 1; 2 on a CPU for
+    full-size configs). `on_row(result so far)` is called after every row, so a run killed midway still leaves
+    its rows."""
     device = torch.device(device)
     want = (lambda name: True) if rows is None else (lambda name: any(name.startswith(r) for r in rows))
     missing = _diffusers_available()
-    if device.type == "cuda":
+    if model is not None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        main, extra = model_case(model, device, steps, runs, size), []
+    elif device.type == "cuda":
         dtype = torch.float16
-        main = Case(model or "sd15", 1, size or 512, steps or 50, runs=runs or 5)
+        main = Case("sd15", 1, size or 512, steps or 50, runs=runs or 5)
         # secondary rows at 20 steps, 2 runs: it/s per step is what they report, and at 50 steps and 3 runs
         # they alone took about 3 minutes of an H100 (estimated), more than the suite's bench step can spare
         extra = [Case("sd15", 4, 512, steps or 20, runs=min(runs or 2, 2), loop_runs=1),
                  Case("sd21", 1, 768, steps or 20, runs=min(runs or 2, 2), loop_runs=1)] if secondary else []
-        repeats = repeats or 1
     else:
         dtype = torch.float32
-        model = model or "tiny"
-        if model == "tiny":
-            main = Case("tiny", 1, size or 16, steps or 10, runs=runs or 5)
-        else:  # full size on 2 cores: one U-Net call takes seconds, so one timed loop and run per repetition
-            main = Case(model, 1, size or random_weights.CONFIGS[model][2].sample_size, steps or 3, runs=runs or 1,
-                        loop_runs=1)
+        main = Case("tiny", 1, size or 16, steps or 10, runs=runs or 5)
         extra = []
-        repeats = repeats or (1 if model == "tiny" else 2)
+    repeats = repeats or (2 if device.type != "cuda" and not main.model.startswith("tiny") else 1)
     flops = {id(c): unet_tflop_per_step(c.model, c) for c in [main, *extra]}
 
     main_plan: list[tuple[str, Callable[[], Row]]] = [("sdrt torch", lambda: sdrt_row("torch", dtype, main, device,
@@ -331,7 +354,7 @@ def run_bench(device: torch.device, *, model: Optional[str] = None, size: Option
     if device.type == "cuda":
         main_plan.append(("sdrt triton", lambda: sdrt_row("triton", dtype, main, device, flops[id(main)])))
     main_plan.append(("diffusers eager", lambda: diffusers_row(dtype, main, device, flops[id(main)])))
-    if device.type == "cpu":
+    if device.type == "cpu" and main.model not in random_weights.SDXL_CONFIGS:
         main_plan += [(f"sdrt {b}", lambda b=b: sdrt_row(b, dtype, main, device, flops[id(main)]))
                       for b in CPU_EXPORTED_BACKENDS]
     plan = main_plan * repeats

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 
 from sdrt import images as imgs
+from sdrt.control_preprocess import check_preprocessor
+from sdrt.control_preprocess import preprocess as run_preprocessor
 from sdrt.errors import InvalidInputError
 from sdrt.models.controlnet import ControlNet
 
@@ -73,6 +75,12 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
+def _preprocessor(name: str, value: Any) -> Optional[str]:
+    if value is not None:
+        check_preprocessor(value)
+    return value
+
+
 def _fraction(name: str, value: Any) -> float:
     value = _number(name, value)
     if not 0.0 <= value <= 1.0:
@@ -81,12 +89,15 @@ def _fraction(name: str, value: Any) -> float:
 
 
 def check_control(n_nets: int, control_image: Any, scale: Any, start: Any, end: Any, guess_mode: Any,
-                  default_scale: float) -> Optional[ControlRequest]:
+                  default_scale: float, preprocess: Any = None) -> Optional[ControlRequest]:
     """The control arguments of a call on a pipeline with `n_nets` ControlNets; None when it has none
-    (and then every control argument must be left at its default). scale None: `default_scale`."""
+    (and then every control argument must be left at its default). scale None: `default_scale`.
+    preprocess: a preprocessor name (`sdrt.control_preprocess`) for every control image, or a list with one
+    per ControlNet (None: that image is ready); None: all are ready."""
     if n_nets == 0:
-        if control_image is not None or guess_mode is not False or scale is not None:
-            raise InvalidInputError("control_image, controlnet_conditioning_scale and guess_mode need a ControlNet: "
+        if control_image is not None or guess_mode is not False or scale is not None or preprocess is not None:
+            raise InvalidInputError("control_image, controlnet_conditioning_scale, control_preprocess and "
+                                    "guess_mode need a ControlNet: "
                                     "load the model with sdrt.load(model, controlnet=PATH)")
         return None
     if control_image is None:
@@ -96,10 +107,11 @@ def check_control(n_nets: int, control_image: Any, scale: Any, start: Any, end: 
     given = list(control_image) if listed else [control_image]
     if len(given) != n_nets:
         raise InvalidInputError(f"control_image must hold one image per ControlNet ({n_nets}), got {len(given)}")
+    specs = _per_net("control_preprocess", preprocess, n_nets, _preprocessor)
     images = []
-    for i, image in enumerate(given):
+    for i, (image, spec) in enumerate(zip(given, specs)):
         try:
-            images.append(imgs.image_to_tensor(image))
+            images.append(imgs.image_to_tensor(image if spec is None else run_preprocessor(spec, image)))
         except InvalidInputError as e:
             raise InvalidInputError(f"{_name('control_image', i, n_nets)}: {e}") from None
     if len({tuple(t.shape) for t in images}) > 1:

@@ -117,7 +117,7 @@ def from_components(components: Components, *, backend: str = "torch", device: U
 def _assemble(components: Components, backend: str, device: torch.device, dtype: torch.dtype,
               graphed: bool, limits: Limits) -> "Pipeline":
     from sdrt.sdxl_pipeline import pipeline_class  # SDXL's pipeline builds on this module
-    cls = pipeline_class(components, backend, graphed)
+    cls = pipeline_class(components, backend)
     components = prepare_backend(backend, components, device, dtype)
     log.info("loaded %s on %s/%s with the %s backend", components.source, device, dtype, backend)
     pipe = cls(components, device=device, dtype=dtype, backend=backend, limits=limits)
@@ -264,7 +264,8 @@ class Pipeline(LoraMixin):
                  controlnet_conditioning_scale: Union[float, Sequence[float], None] = None,
                  control_guidance_start: Union[float, Sequence[float]] = 0.0,
                  control_guidance_end: Union[float, Sequence[float]] = 1.0,
-                 guess_mode: bool = False) -> GenerationResult:
+                 guess_mode: bool = False, control_preprocess: Union[str, Sequence[Optional[str]], None] = None
+                 ) -> GenerationResult:
         """Generate images; `progress(done, total)` is called after every denoising step.
         strength: how much of the image to redo, in [0, 1]; None = diffusers' default for the mode
         (img2img 0.8, inpainting 1.0).
@@ -276,7 +277,8 @@ class Pipeline(LoraMixin):
         With ControlNets (`load(controlnet=...)`): control_image, one image (a list: one per ControlNet) of the
         output's size, which it sets when height, width and image are not given; the scale, start and end are a
         number or one per ControlNet; an unset scale is diffusers' default for the mode (txt2img 1.0, img2img
-        0.8, inpainting 0.5); see `sdrt.control`.
+        0.8, inpainting 0.5); control_preprocess: a preprocessor name such as "canny" (or one per ControlNet,
+        None = ready) run on the control images first; see `sdrt.control`, `sdrt.control_preprocess`.
         See the module docstring for the modes and README.md for the contract."""
         timer = _PhaseTimer(self.device)
         prompt, tag_loras = self._take_lora_tags(prompt, negative_prompt)  # <lora:NAME:W>: sdrt.lora.prompt_loras
@@ -297,7 +299,8 @@ class Pipeline(LoraMixin):
         control = check_control(len(self.controlnets), control_image, controlnet_conditioning_scale,
                                 control_guidance_start, control_guidance_end, guess_mode,
                                 self.control_scale_defaults["txt2img" if image is None else
-                                                            "img2img" if mask is None else "inpaint"])
+                                                            "img2img" if mask is None else "inpaint"],
+                                control_preprocess)
         if control is not None and image is None and height is None and width is None:
             height, width = control.size
         height, width = self._size(height, width, image_size)
@@ -331,7 +334,7 @@ class Pipeline(LoraMixin):
                                                      image is not None)
 
         self._sync_tag_loras(tag_loras)
-        context, unet = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts,
+        context, added = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts,
                                            num_images, cfg, prompt_options, (height, width),
                                            image_mode=image is not None)
         timer.lap("encode_prompt")
@@ -344,9 +347,9 @@ class Pipeline(LoraMixin):
         on_step = None if progress is None else (lambda i: progress(i - start + 1, total))
         controlled = {} if control is None else {"control": ControlResiduals(
             self.controlnets, control, batch, cfg, start, total, self.device, self.dtype)}
-        x = self.denoiser(unet, sched, schedule, start_state.latents, context, guidance, start,
+        x = self.denoiser(self.unet, sched, schedule, start_state.latents, context, guidance, start,
                           start_state.step_noise, condition=start_state.condition, blend=start_state.blend,
-                          on_step=on_step, **controlled)
+                          on_step=on_step, added=added, **controlled)
         if not torch.isfinite(x).all():
             raise NumericalError(f"the final latents hold NaN or inf ({self._run_name()}); {self._nan_advice('loop')}")
         timer.lap("denoise")
@@ -445,9 +448,9 @@ class Pipeline(LoraMixin):
     # -- stages
     def _conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts: int,
                       num_images: int, cfg: bool, options: PromptOptions, size: tuple[int, int], image_mode: bool):
-        """-> (the context, the U-Net the loop calls as unet(x, t, context)); SDXL binds its added conditioning."""
+        """-> (the context, the U-Net's added inputs batched as it or None: SDXL's text_embeds and time_ids)."""
         return self._context(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts, num_images,
-                             cfg, options), self.unet
+                             cfg, options), None
 
     def _context(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts: int,
                  num_images: int, cfg: bool, options: PromptOptions) -> torch.Tensor:

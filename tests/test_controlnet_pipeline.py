@@ -178,7 +178,8 @@ def test_bad_control_arguments(saved, pipes, kwargs, match):
 
 def test_control_arguments_need_a_controlnet(saved):
     pipe = sdrt.load(saved["models"]["sd1"][0], device="cpu", dtype="float32")
-    with pytest.raises(InvalidInputError, match=r"^control_image, controlnet_conditioning_scale and guess_mode need a ControlNet: "):
+    with pytest.raises(InvalidInputError, match=r"^control_image, controlnet_conditioning_scale, control_preprocess "
+                                                r"and guess_mode need a ControlNet: "):
         pipe("a cat", steps=1, control_image=control_picture())
 
 
@@ -194,3 +195,16 @@ def test_controlnet_for_another_base_model_is_refused(saved, tmp_path, overrides
     model = saved["models"]["sd1"][0]
     with pytest.raises(InvalidInputError, match=rf"^controlnet {path} was made for another base model: {match}"):
         sdrt.load(model, device="cpu", dtype="float32", controlnet=path)
+
+
+def test_a_preprocessor_by_name_is_the_same_as_its_image(saved, pipes):
+    from sdrt.control_preprocess import canny
+
+    pipe = pipes("sd1", 2)
+    picture, ready = _input_image(), control_picture()
+    kwargs = dict(prompt="a cat", steps=2, seed=1, output="latent")
+    by_name = pipe(**kwargs, control_image=[picture, ready], control_preprocess=["canny:50:150", None]).latents
+    given = pipe(**kwargs, control_image=[canny(picture, 50, 150), ready]).latents
+    assert torch.equal(by_name, given)
+    with pytest.raises(InvalidInputError, match=r"unknown control preprocessor 'sobel'"):
+        pipe(**kwargs, control_image=[picture, ready], control_preprocess="sobel")
