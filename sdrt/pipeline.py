@@ -119,7 +119,7 @@ def from_components(components: Components, *, backend: str = "torch", device: U
 def _assemble(components: Components, backend: str, device: torch.device, dtype: torch.dtype,
               graphed: bool, limits: Limits) -> "Pipeline":
     from sdrt.sdxl_pipeline import pipeline_class  # SDXL's pipeline builds on this module
-    cls = pipeline_class(components, backend, graphed)
+    cls = pipeline_class(components, backend)
     components = prepare_backend(backend, components, device, dtype)
     log.info("loaded %s on %s/%s with the %s backend", components.source, device, dtype, backend)
     pipe = cls(components, device=device, dtype=dtype, backend=backend, limits=limits)
@@ -336,7 +336,7 @@ class Pipeline(LoraMixin):
                                                      image is not None)
 
         self._sync_tag_loras(tag_loras)
-        context, unet = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts,
+        context, added = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts,
                                            num_images, cfg, prompt_options, (height, width),
                                            image_mode=image is not None)
         timer.lap("encode_prompt")
@@ -349,9 +349,9 @@ class Pipeline(LoraMixin):
         on_step = None if progress is None else (lambda i: progress(i - start + 1, total))
         controlled = {} if control is None else {"control": ControlResiduals(
             self.controlnets, control, batch, cfg, start, total, self.device, self.dtype)}
-        x = self.denoiser(unet, sched, schedule, start_state.latents, context, guidance, start,
+        x = self.denoiser(self.unet, sched, schedule, start_state.latents, context, guidance, start,
                           start_state.step_noise, condition=start_state.condition, blend=start_state.blend,
-                          on_step=on_step, **controlled)
+                          on_step=on_step, added=added, **controlled)
         if not torch.isfinite(x).all():
             raise NumericalError(f"the final latents hold NaN or inf ({self._run_name()}); {self._nan_advice('loop')}")
         timer.lap("denoise")
@@ -450,9 +450,9 @@ class Pipeline(LoraMixin):
     # -- stages
     def _conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts: int,
                       num_images: int, cfg: bool, options: PromptOptions, size: tuple[int, int], image_mode: bool):
-        """-> (the context, the U-Net the loop calls as unet(x, t, context)); SDXL binds its added conditioning."""
+        """-> (the context, the U-Net's added inputs batched as it or None: SDXL's text_embeds and time_ids)."""
         return self._context(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts, num_images,
-                             cfg, options), self.unet
+                             cfg, options), None
 
     def _context(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts: int,
                  num_images: int, cfg: bool, options: PromptOptions) -> torch.Tensor:

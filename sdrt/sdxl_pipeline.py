@@ -24,26 +24,24 @@ from sdrt.pipeline import GenerationResult, Pipeline, _check_path, _check_tensor
 from sdrt.models.clip import CLIPTextModel
 from sdrt.prompt_encoding import PromptOptions, check_prompt_options
 from sdrt.sdxl_components import SDXLComponents
-from sdrt.sdxl_conditioning import ConditionedUNet, SDXLOptions, batched, check_pair, check_score, time_ids
+from sdrt.sdxl_conditioning import SDXLOptions, batched, check_pair, check_score, time_ids
 from sdrt.sdxl_handoff import check_fraction, handoff_range
 from sdrt.sdxl_prompts import SDXLEncoder, encode_sdxl_pair
 from sdrt.textual_inversion import load_sdxl_textual_inversion
 
-SDXL_BACKENDS = ("torch", "onnxruntime")
+SDXL_BACKENDS = ("torch", "triton", "onnxruntime")
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.3, 0.9999
 
 # the SDXL arguments of the call in progress (a ContextVar: concurrent calls in threads each see their own)
 _OPTIONS: ContextVar[SDXLOptions] = ContextVar("sdxl_options")
 
 
-def pipeline_class(components: Components, backend: str, cuda_graphs: bool) -> type:
+def pipeline_class(components: Components, backend: str) -> type:
     """The pipeline class for these components; SDXL's refuses what it does not support yet."""
     if not isinstance(components, SDXLComponents):
         return Pipeline
     if backend not in SDXL_BACKENDS:
         raise InvalidInputError(f"SDXL runs on the {', '.join(SDXL_BACKENDS)} backend so far, got backend={backend!r}")
-    if cuda_graphs:
-        raise InvalidInputError("cuda_graphs=True is not supported for SDXL yet; pass cuda_graphs=False")
     return SDXLPipeline
 
 
@@ -174,7 +172,7 @@ class SDXLPipeline(Pipeline):
             rows.insert(0, (uncond, neg_pooled, neg_row))
         context, text_embeds, added_ids = (batched([r[i].to(self.device, self.dtype) for r in rows], num_images)
                                            for i in range(3))
-        return context, ConditionedUNet(self.unet, text_embeds, added_ids)
+        return context, {"text_embeds": text_embeds, "time_ids": added_ids}
 
     def _negatives(self, negative_prompt_embeds, encoded_negatives, options: SDXLOptions, cond: torch.Tensor,
                    pooled: torch.Tensor, n_prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
