@@ -82,7 +82,7 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     calls then take control_image= (see `Pipeline.__call__`, `sdrt.control`)."""
     _check_path("model", model)
     folders = None if lora_dirs is None else lora_folders(lora_dirs)
-    check_controlnet_backend(controlnet, backend, cuda_graphs)
+    check_controlnet_backend(controlnet, backend)
     _check_path("tokenizer", tokenizer)
     if backend not in BACKENDS:
         raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
