@@ -13,6 +13,7 @@ Semantics follow diffusers' StableDiffusionControlNet{,Img2Img,Inpaint}Pipeline 
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from dataclasses import dataclass
@@ -143,6 +144,21 @@ class ControlResiduals:
         # scale of each net at each step j of the run (0 = inactive), as diffusers' controlnet_keep
         self.scales = [[scale * (1.0 - float(j / total < s or (j + 1) / total > e))
                         for scale, s, e in zip(request.scales, request.starts, request.ends)] for j in range(total)]
+
+    def key(self) -> tuple:
+        """What a captured loop bakes in (`sdrt.graphs.DenoiseKey.control`): which ControlNet objects run, each
+        one's scale at every step (0 = inactive: start/end), guess mode, CFG and the first step. The control
+        images are not in it: a graph takes them as static inputs (`with_images`)."""
+        return (tuple(id(n) for n in self.nets), tuple(map(tuple, self.scales)), self.guess_mode, self.cfg,
+                self.start)
+
+    def with_images(self, images: Sequence[Tensor]) -> "ControlResiduals":
+        """The same residuals from other control-image tensors (a captured loop's static copies)."""
+        if len(images) != len(self.images):
+            raise InvalidInputError(f"expected {len(self.images)} control images, got {len(images)}")
+        other = copy.copy(self)
+        other.images = list(images)
+        return other
 
     def __call__(self, x: Tensor, i: int, timestep: Tensor, context: Tensor) -> dict[str, Any]:
         # x: [B or 2B, 4, h, w] the scaled U-Net input; context: [B or 2B, 77, D]

@@ -6,7 +6,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 
@@ -57,17 +57,6 @@ def load_controlnet(path: PathArg, dtype: torch.dtype = torch.float32,
         return _load_single_file(path, dtype, device)
     raise ModelLoadError(f"controlnet not found: {path} (expected a diffusers ControlNet folder or a single-file "
                          f"checkpoint)")
-
-
-def check_controlnet_backend(controlnet: Any, backend: str, cuda_graphs: Optional[bool]) -> None:
-    """ControlNets run on the torch backend's eager loop (the other backends' U-Nets take no residuals yet)."""
-    if controlnet is None:
-        return
-    if backend != "torch":
-        raise InvalidInputError(f"controlnet needs backend='torch' (sdrt has no {backend} ControlNet yet), "
-                                f"got backend={backend!r}")
-    if cuda_graphs:
-        raise InvalidInputError("controlnet runs without CUDA graphs: leave cuda_graphs unset or False")
 
 
 def load_controlnets(paths: Union[PathArg, Sequence[PathArg]], dtype: torch.dtype, device: Union[str, torch.device],

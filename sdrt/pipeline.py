@@ -34,7 +34,8 @@ from sdrt.checks import (Limits, check_guidance, check_image_count, check_output
                          check_size, check_steps, check_text, strength_or_default)
 from sdrt.components import BUNDLED_MODEL, Components, load_components
 from sdrt.control import DEFAULT_SCALES, ControlResiduals, check_control
-from sdrt.controlnet_loading import check_controlnet_backend, load_controlnets
+from sdrt.control_backends import attach_controlnets, check_controlnet_backend
+from sdrt.controlnet_loading import load_controlnets
 from sdrt.denoise import LatentBlend, denoise
 from sdrt.errors import InvalidInputError, ModelLoadError, NumericalError
 from sdrt.graphs import DenoiseGraphs, GraphCache
@@ -82,7 +83,7 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     calls then take control_image= (see `Pipeline.__call__`, `sdrt.control`)."""
     _check_path("model", model)
     folders = None if lora_dirs is None else lora_folders(lora_dirs)
-    check_controlnet_backend(controlnet, backend, cuda_graphs)
+    check_controlnet_backend(controlnet, backend)
     _check_path("tokenizer", tokenizer)
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
@@ -97,8 +98,8 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     pipe = _assemble(components, backend, device, dtype, graphed, limits)
     pipe._lora_folders = folders
     if controlnet is not None:
-        pipe.controlnets = load_controlnets(controlnet, dtype, device, pipe.unet.config, pipe.vae_scale_factor,
-                                            pipe.model)
+        attach_controlnets(pipe, components, load_controlnets(controlnet, dtype, device, pipe.unet.config,
+                                                              pipe.vae_scale_factor, pipe.model))
     return pipe
 
 

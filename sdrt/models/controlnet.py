@@ -79,21 +79,44 @@ class ControlNet(nn.Module):
         """sample: [B, 4, h, w] (the U-Net's 4 latent channels, scaled for the step); control: [B, 3, H, W] in
         [0, 1] with H = h * downsample_factor. -> (one residual per U-Net skip, the mid residual), times
         `scale`; in guess mode the skips' scales ramp from 0.1 (shallowest) to 1 (mid), as diffusers does."""
+        down, mid = self.unscaled(sample, timestep, context, control)
+        return scale_residuals(self.config, down, mid, scale, guess_mode)
+
+    def unscaled(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int], context: torch.Tensor,
+                 control: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The zero convs' outputs before `scale_residuals` (what an exported ControlNet graph computes)."""
         if self.config.channel_order == "bgr":
             control = control.flip(1)
         temb = embed_timestep(self.time_embedding, self.config.unet, timestep, sample)
         x = self.conv_in(sample) + self.controlnet_cond_embedding(control)
         mid, skips = encode(self, x, temb, context)
-        down = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)]
-        mid = self.controlnet_mid_block(mid)
-        if guess_mode and not self.config.global_pool_conditions:
-            ramp = torch.logspace(-1, 0, len(down) + 1, device=sample.device) * scale
-            down = [d * r for d, r in zip(down, ramp)]
-            mid = mid * ramp[-1]
-        else:
-            down = [d * scale for d in down]
-            mid = mid * scale
-        if self.config.global_pool_conditions:
-            down = [d.mean(dim=(2, 3), keepdim=True) for d in down]
-            mid = mid.mean(dim=(2, 3), keepdim=True)
-        return down, mid
+        return [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)], self.controlnet_mid_block(mid)
+
+
+def scale_residuals(cfg: ControlNetConfig, down: list[torch.Tensor], mid: torch.Tensor, scale: float,
+                    guess_mode: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`scale` on every residual, or guess mode's ramp; averaged over space for global_pool_conditions."""
+    if guess_mode and not cfg.global_pool_conditions:
+        ramp = torch.logspace(-1, 0, len(down) + 1, device=mid.device) * scale
+        down = [d * r for d, r in zip(down, ramp)]
+        mid = mid * ramp[-1]
+    else:
+        down = [d * scale for d in down]
+        mid = mid * scale
+    if cfg.global_pool_conditions:
+        down = [d.mean(dim=(2, 3), keepdim=True) for d in down]
+        mid = mid.mean(dim=(2, 3), keepdim=True)
+    return down, mid
+
+
+def skip_shapes(cfg: UNetConfig, batch: int, height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """The U-Net's skips (= a ControlNet's down residuals) for latents [batch, *, height, width]: conv_in's,
+    then each level's resnets and downsampler (a stride-2 conv: ceil of half the side)."""
+    ch, last = cfg.block_out_channels, len(cfg.block_out_channels) - 1
+    shapes, h, w = [(batch, ch[0], height, width)], height, width
+    for i, c in enumerate(ch):
+        shapes += [(batch, c, h, w)] * cfg.layers_per_block
+        if i < last:
+            h, w = -(-h // 2), -(-w // 2)
+            shapes.append((batch, c, h, w))
+    return shapes
