@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from sdrt import images as imgs
-from sdrt.backends import BACKENDS, prepare_backend
+from sdrt.backends import prepare_backend
+from sdrt.backends.auto import resolve_backend
 from sdrt.checks import (Limits, check_guidance, check_image_count, check_output, check_pixels, check_positive_int,
                          check_size, check_steps, check_text, strength_or_default)
 from sdrt.components import BUNDLED_MODEL, Components, load_components
@@ -84,10 +85,9 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     folders = None if lora_dirs is None else lora_folders(lora_dirs)
     check_controlnet_backend(controlnet, backend)
     _check_path("tokenizer", tokenizer)
-    if backend not in BACKENDS:
-        raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
+    backend = resolve_backend(backend, device, dtype)  # "auto": the fastest installed one (sdrt.backends.auto)
     graphed = _resolve_cuda_graphs(cuda_graphs, backend, device)
     limits = _resolve_limits(limits)
     if model is None and not BUNDLED_MODEL.is_dir():
@@ -108,10 +108,9 @@ def from_components(components: Components, *, backend: str = "torch", device: U
                     limits: Optional[Limits] = None) -> "Pipeline":
     """A pipeline on components built in memory (e.g. random weights for benchmarks), as `load` makes one;
     the backend may move and convert the modules in place."""
-    if backend not in BACKENDS:
-        raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
+    backend = resolve_backend(backend, device, dtype)  # "auto": the fastest installed one (sdrt.backends.auto)
     return _assemble(components, backend, device, dtype, _resolve_cuda_graphs(cuda_graphs, backend, device),
                      _resolve_limits(limits))
 

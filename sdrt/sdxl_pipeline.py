@@ -30,7 +30,7 @@ from sdrt.sdxl_handoff import check_fraction, handoff_range
 from sdrt.sdxl_prompts import SDXLEncoder, encode_sdxl_pair
 from sdrt.textual_inversion import load_sdxl_textual_inversion
 
-SDXL_BACKENDS = ("torch", "triton", "onnxruntime")
+SDXL_BACKENDS = ("torch", "triton", "onnxruntime", "openvino")
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.3, 0.9999
 
 # the SDXL arguments of the call in progress (a ContextVar: concurrent calls in threads each see their own)

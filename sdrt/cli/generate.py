@@ -83,7 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="img2img / inpainting: how much to change the image, in [0, 1] (default as diffusers: "
                         f"{DEFAULT_STRENGTH['img2img']} img2img, {DEFAULT_STRENGTH['inpaint']} inpainting)")
     p.add_argument("--mask", type=Path, help="inpainting mask: white = repaint (single-channel or RGB)")
-    p.add_argument("--backend", default="torch", help="torch, triton, onnxruntime or tensorrt (default torch)")
+    p.add_argument("--backend", default="torch",
+                   help="torch, triton, onnxruntime, tensorrt, openvino or auto (default torch)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on cuda)")
     adapters.add_arguments(p, _arg_type)
