@@ -24,6 +24,9 @@ def check_controlnet_backend(controlnet: Any, backend: str) -> None:
 def attach_controlnets(pipe: Any, components: Components, nets: Sequence[ControlNet]) -> None:
     """Give `pipe` its ControlNets on its backend; `components`: the torch modules the pipeline was built from."""
     if pipe.backend == "onnxruntime":
+        if any(net.add_embedding is not None for net in nets):
+            raise InvalidInputError("SDXL ControlNets run on the torch and triton backends so far, got "
+                                    "backend='onnxruntime'")
         from sdrt.backends.onnxruntime_control import prepare_control
         pipe.unet, nets = prepare_control(components, nets, pipe.device, pipe.dtype)
     elif pipe.backend == "triton":

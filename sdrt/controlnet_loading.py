@@ -80,7 +80,7 @@ def load_controlnets(paths: Union[PathArg, Sequence[PathArg]], dtype: torch.dtyp
 
 def check_fits(cfg: ControlNetConfig, unet_cfg: UNetConfig, name: str, model: str) -> None:
     """The ControlNet's residuals must match the U-Net's skips and its cross-attention width."""
-    for key in ("block_out_channels", "layers_per_block", "cross_attention_dim"):
+    for key in ("block_out_channels", "layers_per_block", "cross_attention_dim", "addition_embed_type"):
         mine, theirs = getattr(cfg.unet, key), getattr(unet_cfg, key)
         if mine != theirs:
             raise InvalidInputError(f"controlnet {name} was made for another base model: its {key} is "

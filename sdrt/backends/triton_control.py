@@ -17,8 +17,9 @@ class TritonControlNet:
         self.module, self.kernels, self.config = module.to(memory_format=torch.channels_last), kernels, module.config
 
     def __call__(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int], context: torch.Tensor,
-                 control: torch.Tensor, scale: float = 1.0,
-                 guess_mode: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+                 control: torch.Tensor, scale: float = 1.0, guess_mode: bool = False,
+                 **added: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        # added: an SDXL ControlNet's text_embeds and time_ids
         with use_kernels(self.kernels):
             return self.module(sample.contiguous(memory_format=torch.channels_last), timestep, context,
-                               control.contiguous(memory_format=torch.channels_last), scale, guess_mode)
+                               control.contiguous(memory_format=torch.channels_last), scale, guess_mode, **added)
