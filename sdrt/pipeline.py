@@ -42,6 +42,8 @@ from sdrt.prompt_encoding import PromptOptions, check_prompt_options, encode_pro
 from sdrt.schedulers import make_scheduler
 from sdrt.seeds import NoiseSource, SeedArg
 from sdrt.textual_inversion import load_textual_inversion
+from sdrt.vae_loading import load_separate_vae
+from sdrt.vae_precision import VAEPrecision
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class GenerationResult:
 def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device: Union[str, torch.device, None] = None,
          dtype: Union[str, torch.dtype, None] = None, tokenizer: Union[str, Path, None] = None,
          cuda_graphs: Optional[bool] = None, prediction_type: Optional[str] = None,
-         limits: Optional[Limits] = None) -> "Pipeline":
+         limits: Optional[Limits] = None, vae: Union[str, Path, None] = None) -> "Pipeline":
     """A ready pipeline. `model`: a diffusers folder or a single-file .safetensors checkpoint; None = the bundled
     tiny model. The tokenizer: the `tokenizer` folder, else the model's `tokenizer/` (for a single file, one beside
     it), else CLIP's vocabulary bundled with sdrt, with SD 1.x's or SD 2.x's pad token.
@@ -71,8 +73,10 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     "bfloat16" (default float16 on cuda, float32 on cpu).
     cuda_graphs: capture the denoising loop in CUDA graphs (see `sdrt.graphs`, `Pipeline.warmup`); default
     on for the triton backend on CUDA; the torch backend on CUDA may opt in; other backends and the CPU cannot.
-    limits: the bounds on each call (`sdrt.Limits`); default `Limits.from_env()`, the SDRT_MAX_* variables."""
+    limits: the bounds on each call (`sdrt.Limits`); default `Limits.from_env()`, the SDRT_MAX_* variables.
+    vae: a VAE folder or file replacing the model's (e.g. SDXL's fp16-fix VAE); see `sdrt.vae_loading`."""
     _check_path("model", model)
+    _check_path("vae", vae)
     _check_path("tokenizer", tokenizer)
     if backend not in BACKENDS:
         raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -85,6 +89,8 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
                              f"pass model=<diffusers folder or .safetensors checkpoint>")
     components = load_components(model, dtype=dtype, device=device, tokenizer=tokenizer,
                                  prediction_type=prediction_type)
+    if vae is not None:
+        components.vae = load_separate_vae(vae, components.vae.config, dtype, device)
     return _assemble(components, backend, device, dtype, graphed, limits)
 
 
@@ -225,6 +231,8 @@ class Pipeline(LoraMixin):
         self.device, self.dtype, self.backend = device, dtype, backend
         self.limits = _resolve_limits(limits)  # checked by every call; a service may lower them
         self.vae_scale_factor = self.vae.config.downsample_factor
+        # fp16/bf16 torch VAE: an overflowing decode is redone in float32 (SDXL: every one, per force_upcast)
+        self.vae_precision = VAEPrecision(self.vae, dtype, force_upcast=False)
         self.is_inpainting_model = components.is_inpainting_unet
         side = self.unet.config.sample_size * self.vae_scale_factor
         self.native_size = (side, side)  # (height, width) the model was trained at
@@ -322,6 +330,10 @@ class Pipeline(LoraMixin):
             images = self._decode(x, output, keep)
             timer.lap("decode")
         return GenerationResult(images=images, latents=x, seeds=noise.seeds, timings=timer.finish())
+
+    def default_strength(self, inpainting: bool) -> float:
+        """What an unset strength means for this model: diffusers' default for the mode."""
+        return strength_or_default(None, inpainting=inpainting)
 
     def load_textual_inversion(self, path: Union[str, Path], token: Optional[str] = None) -> str:
         """Load an embedding file (A1111 .pt/.safetensors, kohya, diffusers learned_embeds; see
@@ -480,7 +492,7 @@ class Pipeline(LoraMixin):
     def _decode(self, latents: torch.Tensor, output: str, keep=None):
         """Final latents -> images as `output` asks. keep: (mask [1,1,H,W], image [1,3,H,W]) whose unmasked
         pixels are pasted back exactly (4-channel inpainting)."""
-        decoded = self.vae.decode((latents / self.vae.scaling_factor).to(self.dtype))
+        decoded = self.vae_precision.decode(latents / self.vae.scaling_factor)
         if not torch.isfinite(decoded).all():
             raise NumericalError(f"the VAE decoded NaN or inf ({self._run_name()}); {self._nan_advice('vae')}")
         pixels = imgs.to_unit_range(decoded)
@@ -492,7 +504,7 @@ class Pipeline(LoraMixin):
 
     def _encode_image(self, pixels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """pixels [1, 3, H, W] in [-1, 1]; eps [n, 4, h, w] -> sampled latents [n, 4, h, w] float32, scaled."""
-        mean, logvar = self.vae.encode(pixels.to(self.device, self.dtype))
+        mean, logvar = self.vae_precision.encode(pixels.to(self.device))
         sample = mean.float() + torch.exp(0.5 * logvar.float()) * eps.to(self.device)
         return sample * self.vae.scaling_factor
 

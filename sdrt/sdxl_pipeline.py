@@ -25,6 +25,7 @@ from sdrt.prompt_encoding import PromptOptions, check_prompt_options
 from sdrt.sdxl_components import SDXLComponents
 from sdrt.sdxl_conditioning import ConditionedUNet, SDXLOptions, batched, check_pair, check_score, time_ids
 from sdrt.sdxl_handoff import check_fraction, handoff_range
+from sdrt.vae_precision import VAEPrecision
 
 SDXL_BACKENDS = ("torch",)
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.3, 0.9999
@@ -52,6 +53,8 @@ class SDXLPipeline(Pipeline):
         self.tokenizer_2, self.text_encoder_2 = components.tokenizer_2, components.text_encoder_2
         self.force_zeros_for_empty_prompt = components.force_zeros_for_empty_prompt
         self.requires_aesthetics_score = components.requires_aesthetics_score
+        # diffusers' SDXL pipelines decode and encode in float32 when the VAE config says force_upcast
+        self.vae_precision = VAEPrecision(self.vae, self.dtype, force_upcast=self.vae.config.force_upcast)
 
     def __call__(self, prompt=None, negative_prompt=None, *, original_size: Optional[tuple] = None,
                  crops_coords_top_left: tuple = (0, 0), target_size: Optional[tuple] = None,
@@ -92,7 +95,7 @@ class SDXLPipeline(Pipeline):
                 raise InvalidInputError("latents (the start noise) cannot be combined with denoising_start: the "
                                         "image's latents are the start as they are")
         if kwargs.get("strength") is None and kwargs.get("image") is not None:
-            kwargs["strength"] = INPAINT_STRENGTH if kwargs.get("mask") is not None else IMG2IMG_STRENGTH
+            kwargs["strength"] = self.default_strength(kwargs.get("mask") is not None)
         token = _OPTIONS.set(options)
         try:
             return super().__call__(prompt, negative_prompt, **kwargs)
@@ -107,6 +110,9 @@ class SDXLPipeline(Pipeline):
         ids = self.tokenizer_2(texts).to(self.device)
         penultimate, last = self.text_encoder_2.penultimate(ids)
         return torch.cat(states + [penultimate], dim=-1), self.text_encoder_2.text_embeds(last, ids)
+
+    def default_strength(self, inpainting: bool) -> float:
+        return INPAINT_STRENGTH if inpainting else IMG2IMG_STRENGTH
 
     def _timesteps(self, sched, steps: int, strength: float, image_mode: bool):
         options = _OPTIONS.get()
