@@ -4,12 +4,15 @@
 
 Random SD 1.5 weights (`sdrt.models.random_weights`, fp32, CPU) and two random kohya LoRA files (fp16, LoCon:
 rank `--rank` on every attention projection, feed-forward and transformer in/out projection and every conv of
-the U-Net). A switch, file read included on both sides:
-  - sdrt:      pipe.unload_lora("A"); pipe.load_lora(B)
+the U-Net). A switch:
+  - sdrt:      pipe.unload_lora("A"); pipe.load_lora(B), B seen before (its parsed file cached, as on a
+               service switching among its LoRAs); `sdrt_cold`: the cache cleared first, so B's file is read
+               and checked again; `sdrt_cold_batched`: the same inside pipe.batch_lora_changes()
   - diffusers: pipe.unfuse_lora(); pipe.unload_lora_weights(); pipe.load_lora_weights(B); pipe.fuse_lora()
-    (unfuse first: unloading a fused LoRA does not take its delta out of the weights)
-Each side alternates A -> B -> A ... `--repeats` times after one untimed load; the median is reported. The two
-sides run one after the other (each model is 3.4 GB) in the same process. Writes lora-<date>.json into --out.
+    (unfuse first: unloading a fused LoRA does not take its delta out of the weights; file read every time)
+Both pipelines are in memory (about 12 GB together) and each repeat runs every side once, in turn, so the load
+of a shared machine falls on all alike; each side alternates A -> B -> A ...; medians are reported, with the
+1-minute load average after each switch. Writes lora-<date>.json into --out.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -48,55 +52,58 @@ def write_lora(path: Path, unet: nn.Module, rank: int, seed: int) -> int:
     return len(tensors) // 3
 
 
-def time_switches(switch, files: list[Path], repeats: int) -> list[float]:
-    times = []
-    for i in range(repeats):
+class Side:
+    """One side of the comparison: a pipeline with one of two LoRA files fused, and how it switches."""
+
+    def __init__(self, name: str, switch: Callable[[Path, Path], None], files: list[Path], state: dict):
+        self.name, self._switch, self.files, self.state = name, switch, files, state  # state: which file is fused
+        self.times: list[float] = []
+        self.loads: list[float] = []
+
+    def switch(self, timed: bool = True) -> None:
+        old, new = self.files[self.state["current"]], self.files[1 - self.state["current"]]
         gc.collect()
         start = time.perf_counter()
-        switch(files[i % 2], files[(i + 1) % 2])
-        times.append(time.perf_counter() - start)
-    return times
+        self._switch(old, new)
+        elapsed = time.perf_counter() - start
+        self.state["current"] = 1 - self.state["current"]
+        if timed:
+            self.times.append(elapsed)
+            self.loads.append(os.getloadavg()[0])
+
+    def summary(self) -> dict:
+        return {"switch_s": self.times, "median_s": statistics.median(self.times), "loadavg_1min": self.loads}
 
 
-def bench_sdrt(files: list[Path], repeats: int) -> dict:
-    from sdrt.models.random_weights import components
+def sdrt_sides(parts, files: list[Path]) -> tuple[list[Side], object]:
+    """sdrt's switches: file parsed before (a service switching among its LoRAs), cold (cache cleared: file read
+    and checked again), and cold inside batch_lora_changes() (each weight written once)."""
     from sdrt.pipeline import from_components
 
-    pipe = from_components(components("sd15"), device="cpu", dtype="float32")
+    pipe = from_components(parts, device="cpu", dtype="float32")
     pipe.load_lora(files[0], name=files[0].stem)
 
-    def switch(old: Path, new: Path) -> None:
+    def warm(old: Path, new: Path) -> None:
         pipe.unload_lora(old.stem)
         pipe.load_lora(new, name=new.stem)
 
+    def cold(old: Path, new: Path) -> None:
+        pipe._lora_cache.clear()
+        warm(old, new)
+
     def batched(old: Path, new: Path) -> None:
         with pipe.batch_lora_changes():
-            switch(old, new)
+            cold(old, new)
 
-    times = time_switches(switch, files, repeats)
-    batched_times = time_switches(batched, files[repeats % 2:] + files[:repeats % 2], repeats)
-    start = time.perf_counter()
-    pipe.set_lora_scale(next(iter(pipe.loras)), 0.5)
-    rescale = time.perf_counter() - start
-    # the floor of any in-place switch: one pass writing every touched weight from its kept original
-    fuser = pipe._lora_fuser
-    start = time.perf_counter()
-    for name, original in fuser._originals.items():
-        fuser._targets[name].weight.copy_(original)
-    floor = time.perf_counter() - start
-    return {"switch_s": times, "median_s": statistics.median(times),
-            "batched_switch_s": batched_times, "batched_median_s": statistics.median(batched_times),
-            "set_lora_scale_s": rescale, "copy_touched_weights_once_s": floor}
+    state = {"current": 0}  # one pipeline under the three
+    return [Side("sdrt", warm, files, state), Side("sdrt_cold", cold, files, state),
+            Side("sdrt_cold_batched", batched, files, state)], pipe
 
 
-def bench_diffusers(files: list[Path], repeats: int) -> dict:
+def diffusers_side(parts, files: list[Path]) -> tuple[Side, object]:
     from sdrt.bench.models import diffusers_pipeline
-    from sdrt.models.random_weights import components
 
-    parts = components("sd15")
     pipe = diffusers_pipeline(parts, "cpu", torch.float32)
-    del parts
-    gc.collect()
     pipe.load_lora_weights(str(files[0]), adapter_name=files[0].stem)
     pipe.fuse_lora()
 
@@ -106,8 +113,37 @@ def bench_diffusers(files: list[Path], repeats: int) -> dict:
         pipe.load_lora_weights(str(new), adapter_name=new.stem)
         pipe.fuse_lora()
 
-    times = time_switches(switch, files, repeats)
-    return {"switch_s": times, "median_s": statistics.median(times)}
+    return Side("diffusers", switch, files, {"current": 0}), pipe
+
+
+def run(files: list[Path], repeats: int) -> dict:
+    """Both pipelines in memory; each repeat switches every side once, in turn, so load on the shared machine
+    falls on both alike. One untimed switch there and back first (first writes fault the pages in)."""
+    from sdrt.models.random_weights import components
+
+    parts = components("sd15")
+    diffusers, _dpipe = diffusers_side(parts, files)
+    sides, pipe = sdrt_sides(parts, files)
+    del parts
+    gc.collect()
+    for side in sides[:1] + [diffusers]:
+        side.switch(timed=False)
+        side.switch(timed=False)
+    for _ in range(repeats):
+        for side in sides + [diffusers]:
+            side.switch()
+    start = time.perf_counter()
+    pipe.set_lora_scale(next(iter(pipe.loras)), 0.5)
+    rescale = time.perf_counter() - start
+    # the floor of any in-place switch: one pass writing every touched weight from its kept original
+    fuser = pipe._lora_fuser
+    start = time.perf_counter()
+    for name, original in fuser._originals.items():
+        fuser._targets[name].weight.copy_(original)
+    floor = time.perf_counter() - start
+    out = {side.name: side.summary() for side in sides + [diffusers]}
+    out["sdrt"].update(set_lora_scale_s=rescale, copy_touched_weights_once_s=floor)
+    return out
 
 
 def main(argv=None) -> None:
@@ -125,9 +161,7 @@ def main(argv=None) -> None:
         files = [Path(tmp) / "A.safetensors", Path(tmp) / "B.safetensors"]
         layers = [write_lora(f, shapes, args.rank, seed) for seed, f in enumerate(files)]
         size = files[0].stat().st_size
-        ours = bench_sdrt(files, args.repeats)
-        gc.collect()
-        theirs = bench_diffusers(files, args.repeats)
+        sides = run(files, args.repeats)
     import diffusers
     import peft
     result = {
@@ -138,14 +172,18 @@ def main(argv=None) -> None:
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
         "lora": {"rank": args.rank, "layers": layers[0], "file_bytes": size, "format": "kohya LoCon, fp16"},
         "repeats": args.repeats,
-        "sdrt": ours, "diffusers": theirs,
-        "speedup": theirs["median_s"] / ours["median_s"],
+        **sides,
+        "speedup": sides["diffusers"]["median_s"] / sides["sdrt"]["median_s"],
+        "speedup_cold": sides["diffusers"]["median_s"] / sides["sdrt_cold"]["median_s"],
+        "speedup_cold_batched": sides["diffusers"]["median_s"] / sides["sdrt_cold_batched"]["median_s"],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"lora-{result['date']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"switch A -> B: sdrt {ours['median_s']:.3f} s, diffusers {theirs['median_s']:.3f} s "
-          f"({result['speedup']:.1f}x); set_lora_scale {ours['set_lora_scale_s']:.3f} s -> {out}")
+    print(f"switch A -> B (medians): sdrt {sides['sdrt']['median_s']:.3f} s (file parsed before), "
+          f"{sides['sdrt_cold']['median_s']:.3f} s cold, {sides['sdrt_cold_batched']['median_s']:.3f} s cold batched; "
+          f"diffusers {sides['diffusers']['median_s']:.3f} s; speedup {result['speedup']:.1f}x "
+          f"({result['speedup_cold']:.1f}x cold) -> {out}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from sdrt.components import Components
 from sdrt.errors import InvalidInputError
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+ALL_COMPONENTS = COMPONENTS + ("text_encoder_2",)  # SDXL's second text encoder (see sdrt.export.sdxl_contracts)
 TEXT_LENGTH = 77  # CLIP's 77 positions: the text encoder's input; the U-Net's context is 77 * chunks long
 
 Shape = tuple[int, ...]
@@ -115,8 +116,8 @@ class ExportContract:
 
 
 def contracts_for(components: Components) -> dict[str, ExportContract]:
-    """The four contracts, sized by this model's configs."""
-    ucfg, vcfg, tcfg = components.unet.config, components.vae.config, components.text_encoder.config
+    """The four contracts, sized by this model's configs (SDXL: `sdxl_contracts`'s five, or four for the refiner)."""
+    ucfg, vcfg = components.unet.config, components.vae.config
     scale = components.vae.config.downsample_factor
     lat = vcfg.latent_channels
 
@@ -134,13 +135,13 @@ def contracts_for(components: Components) -> dict[str, ExportContract]:
         return {"latents": (b, lat, h // scale, w // scale)}
 
     bhw = {0: "batch", 2: "height", 3: "width"}
-    return {
-        "text_encoder": ExportContract(
+    contracts = {
+        "text_encoder": None if components.text_encoder is None else ExportContract(
             "text_encoder", ("input_ids",), ("last_hidden_state",),
             {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}},
             lambda c: c.text_encoder, text_inputs,
-            lambda s: {"last_hidden_state": (s["input_ids"][0], TEXT_LENGTH, tcfg.hidden_size)},
-            {"input_ids": torch.int64}, {"input_ids": tcfg.vocab_size}),
+            lambda s: {"last_hidden_state": (s["input_ids"][0], TEXT_LENGTH, components.text_encoder.config.hidden_size)},
+            {"input_ids": torch.int64}, {"input_ids": components.text_encoder.config.vocab_size}),
         "unet": ExportContract(
             "unet", ("sample", "timestep", "encoder_hidden_states"), ("noise_pred",),
             {"sample": bhw, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch", 1: "text_length"},
@@ -162,11 +163,15 @@ def contracts_for(components: Components) -> dict[str, ExportContract]:
             lambda s: {"images": (s["latents"][0], vcfg.out_channels, s["latents"][2] * scale, s["latents"][3] * scale)},
             {}),
     }
+    if getattr(components, "text_encoder_2", None) is not None:
+        from sdrt.export.sdxl_contracts import sdxl_contracts
+        return sdxl_contracts(components, contracts)
+    return contracts
 
 
-def check_component_names(names) -> tuple[str, ...]:
+def check_component_names(names, allowed: tuple[str, ...] = COMPONENTS) -> tuple[str, ...]:
     names = tuple(names)
-    unknown = [n for n in names if n not in COMPONENTS]
+    unknown = [n for n in names if n not in allowed]
     if unknown or not names:
-        raise InvalidInputError(f"components must be a non-empty subset of {', '.join(COMPONENTS)}, got {names!r}")
+        raise InvalidInputError(f"components must be a non-empty subset of {', '.join(allowed)}, got {names!r}")
     return names

@@ -43,7 +43,7 @@ import sdrt
 from sdrt.components import Components
 from sdrt.errors import BackendUnavailableError, InvalidInputError, ModelLoadError
 from sdrt.export.causal_attention import dtype_preserving_causal_attention
-from sdrt.export.contracts import COMPONENTS, ExportContract, check_component_names, contracts_for
+from sdrt.export.contracts import ALL_COMPONENTS, ExportContract, check_component_names, contracts_for
 from sdrt.export.weights_digest import weights_digest
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,15 @@ class OnnxExport:
 
 
 def export_onnx(components: Components, out_dir: Union[str, Path, None] = None, *,
-                names: Iterable[str] = COMPONENTS, opset: int = DEFAULT_OPSET, exporter: str = "torchscript",
+                names: Optional[Iterable[str]] = None, opset: int = DEFAULT_OPSET, exporter: str = "torchscript",
                 force: bool = False, external_data_threshold: int = PROTOBUF_LIMIT) -> OnnxExport:
     """Export `names` at the components' dtype (float32 or float16) into `out_dir` (None: the cache folder
-    `default_export_dir` names); returns the finished export. An existing finished export with the same
+    `default_export_dir` names); returns the finished export. names: None = every component of the model
+    (SDXL: text_encoder_2 too, see `sdrt.export.sdxl_contracts`). An existing finished export with the same
     settings and weights is reused unless `force`."""
     _require_onnx()
-    names = check_component_names(names)
+    available = tuple(contracts_for(components))
+    names = check_component_names(available if names is None else names, available)
     if exporter not in EXPORTERS:
         raise InvalidInputError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     if opset < 17:
@@ -167,8 +169,9 @@ def _export_staged(components: Components, out_dir: Path, names: tuple[str, ...]
 
     manifest = {"format": MANIFEST_FORMAT, "sdrt_version": sdrt.__version__, "torch_version": torch.__version__,
                 **settings, "source": components.source, "vae_scale": components.vae.config.downsample_factor,
-                "configs": {"unet": asdict(components.unet.config), "vae": asdict(components.vae.config),
-                            "text_encoder": asdict(components.text_encoder.config)},
+                "configs": {part: asdict(getattr(components, part).config)
+                            for part in ("unet", "vae", "text_encoder", "text_encoder_2")
+                            if getattr(components, part, None) is not None},
                 "components": entries}
     for name in names:
         (staging / f"{name}.done.json").unlink()
@@ -295,7 +298,7 @@ def _check_files(directory: Path, files: dict, verify_hashes: bool, what: str) -
 
 def _is_export_dir(path: Path) -> bool:
     """Only folders that hold nothing but our own files may be replaced."""
-    ours = {MANIFEST} | {f"{n}.onnx" for n in COMPONENTS} | {f"{n}.onnx.data" for n in COMPONENTS}
+    ours = {MANIFEST} | {f"{n}.onnx" for n in ALL_COMPONENTS} | {f"{n}.onnx.data" for n in ALL_COMPONENTS}
     return path.is_dir() and all(p.name in ours for p in path.iterdir())
 
 
@@ -317,7 +320,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 def _components_dtype(components: Components) -> torch.dtype:
-    dtypes = {next(m.parameters()).dtype for m in (components.text_encoder, components.unet, components.vae)}
+    dtypes = {next(m.parameters()).dtype for m in components.modules()}
     if len(dtypes) != 1 or not dtypes <= set(EXPORT_DTYPES.values()):
         raise InvalidInputError(f"dtype must be one of {', '.join(EXPORT_DTYPES)} for ONNX export, got "
                                 f"{', '.join(sorted(_dtype_name(d) for d in dtypes))}")

@@ -22,7 +22,7 @@ import torch
 
 from sdrt.components import Components
 
-PARTS = ("text_encoder", "unet", "vae")
+PARTS = ("text_encoder", "unet", "vae", "text_encoder_2")  # those a model has (SDXL: the second encoder)
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -31,16 +31,17 @@ def tensor_sha256(t: torch.Tensor) -> str:
 
 
 def weights_digest(components: Components, workers: int = 0) -> str:
-    """sha256 hex digest of the three modules' configs and tensors. workers: hashing threads (0 = the cores)."""
+    """sha256 hex digest of the modules' configs and tensors. workers: hashing threads (0 = the cores)."""
+    parts = [p for p in PARTS if getattr(components, p, None) is not None]
     entries = []
-    for part in PARTS:
+    for part in parts:
         module = getattr(components, part)
         entries += [(part, name, t) for name, t in module.state_dict(keep_vars=False).items()]
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         digests = list(pool.map(lambda entry: tensor_sha256(entry[2]), entries))
     h = hashlib.sha256()
-    for part in PARTS:
+    for part in parts:
         config = dataclasses.asdict(getattr(components, part).config)
         h.update(f"{part} {json.dumps(config, sort_keys=True, default=str)}\n".encode())
     for (part, name, t), digest in zip(entries, digests):

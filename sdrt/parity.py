@@ -163,18 +163,38 @@ def _components(model: Union[str, Path, None], device: torch.device) -> Componen
 
 @dataclass
 class _Inputs:
-    ids: torch.Tensor        # [B, 77]
+    ids: Optional[torch.Tensor]  # [B, 77] (None: an SDXL refiner, which has no first tokenizer)
     sample: torch.Tensor     # [2B, 4, h, w] float32
     timestep: torch.Tensor   # 0-d
     context: torch.Tensor    # [2B, 77, D] float32: the reference's [uncond; cond]
     latents: Optional[torch.Tensor] = None  # the reference's final latents (for the VAE decode)
+    added: dict = field(default_factory=dict)  # SDXL: the U-Net's text_embeds and time_ids [2B, ...]
+
+
+def _text_states(pipe: Pipeline, ids: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, dict]:
+    """The text encoder row: SD's last hidden states of `ids`; SDXL's both encoders' penultimate states
+    concatenated (tokenized by the pipeline itself), with the pooled text_embeds beside."""
+    if hasattr(pipe, "text_encoder_2"):
+        context, text_embeds = pipe._encode_text(texts)
+        return context.float(), {"text_embeds": text_embeds.float()}
+    return pipe.text_encoder(ids).float(), {}
+
+
+def _sdxl_added(unet_config, text_embeds: torch.Tensor, h: int, w: int) -> dict:
+    """text_embeds with time ids [rows, n]: (original h, w; crop 0, 0; target h, w), or the refiner's
+    (h, w, 0, 0, aesthetic score 6)."""
+    n = (unet_config.projection_class_embeddings_input_dim - text_embeds.shape[-1]) // unet_config.addition_time_embed_dim
+    row = [h, w, 0, 0, h, w] if n == 6 else [h, w, 0, 0, 6.0]
+    ids = torch.tensor([row] * text_embeds.shape[0], dtype=torch.float32, device=text_embeds.device)
+    return {"text_embeds": text_embeds, "time_ids": ids}
 
 
 @torch.inference_mode()
 def _measure(pipe: Pipeline, inputs: _Inputs, prompts: list[str], seeds: list[int], settings: dict) -> dict:
     dt = pipe.dtype
-    out = dict(text_encoder=pipe.text_encoder(inputs.ids).float(),
-               unet=pipe.unet(inputs.sample.to(dt), inputs.timestep, inputs.context.to(dt)).float())
+    added = {k: v.to(dt) for k, v in inputs.added.items()}
+    out = dict(text_encoder=_text_states(pipe, inputs.ids, prompts)[0],
+               unet=pipe.unet(inputs.sample.to(dt), inputs.timestep, inputs.context.to(dt), **added).float())
     result = pipe(prompts, seed=seeds, output="np", **settings)
     out["final_latents"] = result.latents
     out["image"] = torch.from_numpy(np.ascontiguousarray(result.images))
@@ -209,12 +229,14 @@ def compare(model: Union[str, Path, None], backend: str = "torch", *, dtype: Uni
         h, w = height or ref_pipe.native_size[0], width or ref_pipe.native_size[1]
         gen = torch.Generator("cpu").manual_seed(1234)
         with torch.inference_mode():
-            ids = ref_pipe.tokenizer([""] * len(prompts) + prompts).to(device)
-            context = ref_pipe.text_encoder(ids).float()
+            texts = [""] * len(prompts) + prompts
+            ids = None if ref_pipe.tokenizer is None else ref_pipe.tokenizer(texts).to(device)
+            context, pooled = _text_states(ref_pipe, ids, texts)
+            added = {} if not pooled else _sdxl_added(ref_pipe.unet.config, pooled["text_embeds"], h, w)
         sample = torch.randn(2 * len(prompts), 4, h // ref_pipe.vae_scale_factor, w // ref_pipe.vae_scale_factor,
                              generator=gen).to(device)
-        inputs = _Inputs(ids=ids[len(prompts):], sample=sample, timestep=torch.tensor(500, device=device),
-                         context=context)
+        inputs = _Inputs(ids=None if ids is None else ids[len(prompts):], sample=sample,
+                         timestep=torch.tensor(500, device=device), context=context, added=added)
         ref = _measure(ref_pipe, inputs, prompts, seeds, settings)
         del ref_pipe
         inputs.latents = ref["final_latents"]

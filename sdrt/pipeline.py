@@ -37,6 +37,7 @@ from sdrt.errors import InvalidInputError, ModelLoadError, NumericalError
 from sdrt.graphs import DenoiseGraphs, GraphCache
 from sdrt.guidance import uses_cfg
 from sdrt.lora import LoraMixin
+from sdrt.lora.api import lora_folders
 from sdrt.models.clip import CLIPTextModel
 from sdrt.prompt_encoding import PromptOptions, check_prompt_options, encode_prompt_pair
 from sdrt.schedulers import make_scheduler
@@ -63,7 +64,8 @@ class GenerationResult:
 def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device: Union[str, torch.device, None] = None,
          dtype: Union[str, torch.dtype, None] = None, tokenizer: Union[str, Path, None] = None,
          cuda_graphs: Optional[bool] = None, prediction_type: Optional[str] = None,
-         limits: Optional[Limits] = None, vae: Union[str, Path, None] = None) -> "Pipeline":
+         limits: Optional[Limits] = None, lora_dirs: Optional[Sequence[Union[str, Path]]] = None,
+         vae: Union[str, Path, None] = None) -> "Pipeline":
     """A ready pipeline. `model`: a diffusers folder or a single-file .safetensors checkpoint; None = the bundled
     tiny model. The tokenizer: the `tokenizer` folder, else the model's `tokenizer/` (for a single file, one beside
     it), else CLIP's vocabulary bundled with sdrt, with SD 1.x's or SD 2.x's pad token.
@@ -74,9 +76,11 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     cuda_graphs: capture the denoising loop in CUDA graphs (see `sdrt.graphs`, `Pipeline.warmup`); default
     on for the triton backend on CUDA; the torch backend on CUDA may opt in; other backends and the CPU cannot.
     limits: the bounds on each call (`sdrt.Limits`); default `Limits.from_env()`, the SDRT_MAX_* variables.
+    lora_dirs: folders in which prompts' `<lora:NAME:WEIGHT>` tags find NAME (see `sdrt.lora.prompt_loras`).
     vae: a VAE folder or file replacing the model's (e.g. SDXL's fp16-fix VAE); see `sdrt.vae_loading`."""
     _check_path("model", model)
     _check_path("vae", vae)
+    folders = None if lora_dirs is None else lora_folders(lora_dirs)
     _check_path("tokenizer", tokenizer)
     if backend not in BACKENDS:
         raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -91,7 +95,9 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
                                  prediction_type=prediction_type)
     if vae is not None:
         components.vae = load_separate_vae(vae, components.vae.config, dtype, device)
-    return _assemble(components, backend, device, dtype, graphed, limits)
+    pipe = _assemble(components, backend, device, dtype, graphed, limits)
+    pipe._lora_folders = folders
+    return pipe
 
 
 def from_components(components: Components, *, backend: str = "torch", device: Union[str, torch.device, None] = None,
@@ -220,6 +226,8 @@ def _guidance_per_image(guidance: Union[float, list[float]], n_prompts: int, num
 class Pipeline(LoraMixin):
     """One loaded model on one backend. Call it to generate; see `sdrt.load`."""
 
+    honours_force_upcast = False  # the VAE config's force_upcast: diffusers' SD 1.x/2.x pipelines ignore it
+
     def __init__(self, components: Components, *, device: torch.device, dtype: torch.dtype, backend: str,
                  limits: Optional[Limits] = None):
         self.tokenizer = components.tokenizer
@@ -231,8 +239,9 @@ class Pipeline(LoraMixin):
         self.device, self.dtype, self.backend = device, dtype, backend
         self.limits = _resolve_limits(limits)  # checked by every call; a service may lower them
         self.vae_scale_factor = self.vae.config.downsample_factor
-        # fp16/bf16 torch VAE: an overflowing decode is redone in float32 (SDXL: every one, per force_upcast)
-        self.vae_precision = VAEPrecision(self.vae, dtype, force_upcast=False)
+        # fp16/bf16 torch VAE: an overflowing decode is redone in float32 (see sdrt.vae_precision)
+        self.vae_precision = VAEPrecision(self.vae, dtype,
+                                          force_upcast=self.honours_force_upcast and self.vae.config.force_upcast)
         self.is_inpainting_model = components.is_inpainting_unet
         side = self.unet.config.sample_size * self.vae_scale_factor
         self.native_size = (side, side)  # (height, width) the model was trained at
@@ -264,6 +273,7 @@ class Pipeline(LoraMixin):
         | "none"); clip_skip=N uses the text encoder's hidden state N layers before the last.
         See the module docstring for the modes and README.md for the contract."""
         timer = _PhaseTimer(self.device)
+        prompt, tag_loras = self._take_lora_tags(prompt, negative_prompt)  # <lora:NAME:W>: sdrt.lora.prompt_loras
         steps = check_steps(steps, self.limits)
         num_images = check_positive_int("num_images", num_images)
         if progress is not None and not callable(progress):
@@ -306,6 +316,7 @@ class Pipeline(LoraMixin):
         schedule, start, add_noise = self._timesteps(sched, steps, 1.0 if image is None else strength,
                                                      image is not None)
 
+        self._sync_tag_loras(tag_loras)
         context, unet = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts,
                                            num_images, cfg, prompt_options, (height, width),
                                            image_mode=image is not None)

@@ -25,9 +25,8 @@ from sdrt.prompt_encoding import PromptOptions, check_prompt_options
 from sdrt.sdxl_components import SDXLComponents
 from sdrt.sdxl_conditioning import ConditionedUNet, SDXLOptions, batched, check_pair, check_score, time_ids
 from sdrt.sdxl_handoff import check_fraction, handoff_range
-from sdrt.vae_precision import VAEPrecision
 
-SDXL_BACKENDS = ("torch",)
+SDXL_BACKENDS = ("torch", "onnxruntime")
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.3, 0.9999
 
 # the SDXL arguments of the call in progress (a ContextVar: concurrent calls in threads each see their own)
@@ -48,13 +47,13 @@ def pipeline_class(components: Components, backend: str, cuda_graphs: bool) -> t
 class SDXLPipeline(Pipeline):
     """An SDXL base or refiner; call it as `Pipeline`, with SDXL's extra keyword arguments."""
 
+    honours_force_upcast = True  # as diffusers' SDXL pipelines (see sdrt.vae_precision)
+
     def __init__(self, components: SDXLComponents, **kwargs):
         super().__init__(components, **kwargs)
         self.tokenizer_2, self.text_encoder_2 = components.tokenizer_2, components.text_encoder_2
         self.force_zeros_for_empty_prompt = components.force_zeros_for_empty_prompt
         self.requires_aesthetics_score = components.requires_aesthetics_score
-        # diffusers' SDXL pipelines decode and encode in float32 when the VAE config says force_upcast
-        self.vae_precision = VAEPrecision(self.vae, self.dtype, force_upcast=self.vae.config.force_upcast)
 
     def __call__(self, prompt=None, negative_prompt=None, *, original_size: Optional[tuple] = None,
                  crops_coords_top_left: tuple = (0, 0), target_size: Optional[tuple] = None,
@@ -107,9 +106,8 @@ class SDXLPipeline(Pipeline):
         states = []
         if self.text_encoder is not None:
             states.append(self.text_encoder.penultimate(self.tokenizer(texts).to(self.device))[0])
-        ids = self.tokenizer_2(texts).to(self.device)
-        penultimate, last = self.text_encoder_2.penultimate(ids)
-        return torch.cat(states + [penultimate], dim=-1), self.text_encoder_2.text_embeds(last, ids)
+        penultimate, text_embeds = self.text_encoder_2.sdxl_states(self.tokenizer_2(texts).to(self.device))
+        return torch.cat(states + [penultimate], dim=-1), text_embeds
 
     def default_strength(self, inpainting: bool) -> float:
         return INPAINT_STRENGTH if inpainting else IMG2IMG_STRENGTH

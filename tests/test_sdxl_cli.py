@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 
 import sdrt
-from cli_run import sdrt as run_sdrt
+from cli_run import assert_refused, sdrt as run_sdrt
 from sdrt.png import read_parameters
 from sdxl_factories import save_sdxl
 
@@ -36,3 +36,10 @@ def test_generate_with_an_sdxl_folder(folders, tmp_path):
     assert run.returncode == 0, run.stderr
     parameters = read_parameters(tmp_path / "again.png")
     assert parameters["strength"] == 0.3 and parameters["vae"] == str(other_vae.resolve())
+
+
+def test_generate_refuses_a_vae_that_is_not_there(folders, tmp_path):
+    base, _ = folders
+    run = run_sdrt("generate", "a red fox", "-o", tmp_path / "fox.png", "--model", base, "--device", "cpu",
+                   "--vae", tmp_path / "missing")
+    assert_refused(run, tmp_path, "vae not found", "missing")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
 import sdrt
+from sdrt.vae_precision import VAEPrecision
 from sdxl_factories import save_sdxl
 from test_single_file import ldm_vae
 
@@ -28,7 +29,8 @@ def sdxl(tmp_path_factory):
 
 def test_overflowing_fp16_decode_is_redone_in_float32(caplog):
     pipe = sdrt.load(device="cpu", dtype="float16")  # the bundled SD model: no force_upcast, fallback only
-    assert pipe.vae_precision.upcasts and not pipe.vae_precision.force_upcast
+    assert pipe.vae_precision.upcasts and not pipe.vae_precision.upcast_decode
+    assert pipe.vae.config.force_upcast  # diffusers' default, which SD 1.x pipelines ignore as diffusers' do
     with torch.no_grad():
         pipe.vae.decoder.conv_in.weight.mul_(3000)  # float16 activations overflow; float32 ones do not
     with caplog.at_level(logging.WARNING, logger="sdrt.vae_precision"):
@@ -46,7 +48,8 @@ def test_overflowing_fp16_decode_is_redone_in_float32(caplog):
 def test_sdxl_force_upcast_decodes_and_encodes_in_float32(sdxl):
     base, other_vae = sdxl
     pipe = sdrt.load(base, device="cpu", dtype="float16")
-    assert pipe.vae.config.force_upcast and pipe.vae_precision.force_upcast
+    precision = pipe.vae_precision
+    assert pipe.vae.config.force_upcast and precision.upcast_decode and precision.upcast_encode
     result = pipe("a cat", steps=2, seed=0, guidance_scale=5.0, output="np")
     fp32 = pipe.vae_precision._fp32
     assert fp32 is not None and next(fp32.parameters()).dtype == torch.float32
@@ -56,9 +59,16 @@ def test_sdxl_force_upcast_decodes_and_encodes_in_float32(sdxl):
     assert torch.equal(torch.from_numpy(result.images), (expected / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1))
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(pipe("a cat", image=image, steps=4, seed=0, output="latent").latents).all()
+    mean, logvar = precision.encode(image * 2 - 1)
+    with torch.no_grad():
+        expected_mean, _ = fp32.encode(image * 2 - 1)
+    assert mean.dtype == logvar.dtype == torch.float32 and torch.equal(mean, expected_mean)
+    # diffusers' rule for bfloat16 (float32's range): encodes upcast, decodes do not
+    bf16 = VAEPrecision(pipe.vae, torch.bfloat16, force_upcast=True)
+    assert bf16.upcast_encode and not bf16.upcast_decode
 
     fixed = sdrt.load(base, device="cpu", dtype="float16", vae=other_vae)  # force_upcast false: fp16 decode
-    assert not fixed.vae.config.force_upcast and not fixed.vae_precision.force_upcast
+    assert not fixed.vae.config.force_upcast and not fixed.vae_precision.upcast_decode
     fixed("a cat", steps=2, seed=0, output="np")
     assert fixed.vae_precision._fp32 is None
 
@@ -90,10 +100,12 @@ def test_bad_separate_vae_is_refused(sdxl, tmp_path):
     save_file({"encoder.down_blocks.0.resnets.0.conv1.weight": torch.zeros(1)}, str(tmp_path / "diffusers.safetensors"))
     with pytest.raises(sdrt.ModelLoadError, match="folder"):
         sdrt.load(base, device="cpu", vae=tmp_path / "diffusers.safetensors")
-    wide = shutil.copytree(other_vae, tmp_path / "wide")
-    config = json.loads((wide / "config.json").read_text())
-    (wide / "config.json").write_text(json.dumps(dict(config, latent_channels=8)))
-    with pytest.raises(sdrt.ModelLoadError):
+    wide = tmp_path / "wide"  # a real VAE of 16 latent channels (as SD3's / Flux's): the SDXL U-Net takes 4
+    AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=16, norm_num_groups=32).save_pretrained(wide)
+    with pytest.raises(sdrt.ModelLoadError, match=r"vae=.*wide does not fit the model: latent_channels 16, the model's"):
         sdrt.load(base, device="cpu", vae=wide)
+    with pytest.raises(sdrt.ModelLoadError, match=r"^vae: .*unet.config.json: unsupported config value"):
+        sdrt.load(base, device="cpu", vae=base / "unet")
     with pytest.raises(sdrt.InvalidInputError, match="vae"):
         sdrt.load(base, device="cpu", vae=3)

@@ -2,7 +2,7 @@
 
 Engines come from the engine cache under $SDRT_CACHE/tensorrt (built on first use, rebuilt when the
 ONNX file, profile, flags, TensorRT version or GPU changes). The default profile spans batch 1-8 and
-half to twice the model's native resolution; a static profile
+half to twice the model's native resolution (SDXL: 768..1344 around 1024, batch 1-4); a static profile
 (`prepare_engines(..., profile=ShapeProfile.static(batch, height, width))`) also captures each engine in
 a CUDA graph.
 """
@@ -20,6 +20,7 @@ from sdrt.export.contracts import ShapeProfile, contracts_for
 from sdrt.export.engine_cache import BuildFlags
 from sdrt.export.graph_components import graph_components
 from sdrt.export.onnx import cache_root, export_onnx
+from sdrt.export.sdxl_contracts import sdxl_profile
 from sdrt.export.tensorrt import Engine, load_or_build, require_tensorrt
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,10 @@ _PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 
 
 def default_profile(components: Components) -> ShapeProfile:
+    """Batch 1-8, half to twice the native side; SDXL: `sdxl_profile` (768..1344 around 1024, batch 1-4)."""
     side = components.unet.config.sample_size * components.vae.config.downsample_factor
+    if getattr(components, "text_encoder_2", None) is not None:
+        return sdxl_profile(side, components.vae.config.downsample_factor)
     return ShapeProfile(batch=(1, 2, 8), height=(side // 2, side, side * 2), width=(side // 2, side, side * 2))
 
 

@@ -14,7 +14,8 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--onnx", required=True, type=Path, help="an export directory written by `sdrt export`")
     b.add_argument("--out", required=True, type=Path, help="engine cache directory")
     b.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16")
-    b.add_argument("--components", default=COMPONENTS, help=f"comma-separated subset of {COMPONENTS}")
+    b.add_argument("--components", default=None,
+                   help=f"comma-separated subset of {COMPONENTS} (SDXL: and text_encoder_2; default: all exported)")
     b.add_argument("--batch", default="1:1:4", help="min:opt:max batch")
     b.add_argument("--height", default="256:512:1024", help="min:opt:max image height in pixels")
     b.add_argument("--width", default="256:512:1024", help="min:opt:max image width in pixels")
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     contracts = _contracts_from_manifest(export)
     profile.validate(export.manifest["vae_scale"])
     flags = BuildFlags(precision=args.precision, refit=args.refit, static=profile.is_static)
-    for name in names:
+    for name in export.components if names is None else names:
         start = time.perf_counter()
         load_or_build(export, contracts[name], profile, flags, args.out)
         print(f"{name}: engine ready in {time.perf_counter() - start:.1f} s")
@@ -54,9 +55,12 @@ def _contracts_from_manifest(export):
     def config(cls, raw):
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
+    def text(name):  # an SDXL export has text_encoder_2 (and the refiner's no text_encoder)
+        return SimpleNamespace(config=config(CLIPTextConfig, cfgs[name])) if name in cfgs else None
+
     components = SimpleNamespace(unet=SimpleNamespace(config=config(UNetConfig, cfgs["unet"])),
                                  vae=SimpleNamespace(config=config(VAEConfig, cfgs["vae"])),
-                                 text_encoder=SimpleNamespace(config=config(CLIPTextConfig, cfgs["text_encoder"])))
+                                 text_encoder=text("text_encoder"), text_encoder_2=text("text_encoder_2"))
     return contracts_for(components)
 
 

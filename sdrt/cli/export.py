@@ -4,16 +4,18 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Optional
 
 HELP = "export a model's components to ONNX (resumable; a half-written export is never used)"
-COMPONENTS = "text_encoder,unet,vae_encoder,vae_decoder"
+COMPONENTS = "text_encoder,unet,vae_encoder,vae_decoder"  # SD's; an SDXL model adds text_encoder_2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="diffusers folder or .safetensors file (default: bundled tiny model)")
     p.add_argument("--out", required=True, type=Path, help="export directory")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
-    p.add_argument("--components", default=COMPONENTS, help=f"comma-separated subset of {COMPONENTS}")
+    p.add_argument("--components", default=None,
+                   help=f"comma-separated subset of {COMPONENTS} (SDXL: and text_encoder_2; default: all the model has)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (dynamo: 18 or newer)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
     p.add_argument("--device", default="cpu", help="device to trace on: cpu or cuda")
@@ -37,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def component_names(text: str) -> tuple[str, ...]:
-    """--components "a,b" -> checked component names (shared with `sdrt build`)."""
-    from sdrt.export.contracts import check_component_names
-    return check_component_names(n.strip() for n in text.split(",") if n.strip())
+def component_names(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    """--components "a,b" -> checked component names (shared with `sdrt build`); None -> None (all)."""
+    from sdrt.export.contracts import ALL_COMPONENTS, check_component_names
+    if text is None:
+        return None
+    return check_component_names((n.strip() for n in text.split(",") if n.strip()), ALL_COMPONENTS)

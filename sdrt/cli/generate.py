@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from sdrt import __version__
+from sdrt.cli import adapters
 from sdrt.checks import (DEFAULT_STRENGTH, LIMIT_VARIABLES, MAX_SIZE, PREDICTION_TYPES, Limits, check_file_name,
                          check_guidance, check_image_count, check_pixels, check_positive_int, check_size, check_steps,
                          check_strength, check_text)
@@ -88,6 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="torch", help="torch, triton, onnxruntime or tensorrt (default torch)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on cuda)")
+    adapters.add_arguments(p, _arg_type)
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
                    help="override the model's prediction type (default: the model's; an SD 2.x single file that "
                         "does not say is assumed v_prediction, 768x768)")
@@ -147,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
     mask = None if mask is None else eight_bit(mask)
 
     pipe = sdrt.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
-                     prediction_type=args.prediction_type, limits=limits, vae=args.vae)
+                     prediction_type=args.prediction_type, limits=limits, lora_dirs=args.lora_dir or None,
+                     vae=args.vae)
+    tokens = adapters.load_adapters(pipe, args)
     with tqdm(total=None, unit="step", disable=not sys.stderr.isatty(), leave=False) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -167,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
             "backend": args.backend, "device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch."),
             "sdrt": __version__,
         }
+        parameters.update(adapters.adapter_parameters(pipe, args, tokens))
         if args.prediction_type is not None:
             parameters.update(prediction_type=args.prediction_type)
         if args.vae is not None:

@@ -2,7 +2,8 @@
 
 Key formats read (one file may mix the spellings of one family):
 - kohya / AUTOMATIC1111: `lora_unet_<flat name>.lora_down.weight` / `.lora_up.weight` / `.alpha`, LoCon's
-  `.lora_mid.weight` (the Tucker core of a 3x3 conv), LyCORIS LoHa's `.hada_w1_a` ... `.hada_t2`;
+  `.lora_mid.weight` (the Tucker core of a 3x3 conv), LyCORIS LoHa's `.hada_w1_a` ... `.hada_t2`, LoKr's
+  `.lokr_w1` (or `_a`/`_b`) and `.lokr_w2` (or `_a`/`_b`);
   `lora_te_` / `lora_te1_` for the text encoder. Flat names in diffusers' or the original LDM naming.
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight` and `text_encoder.<module>...`;
   diffusers' older `.lora.down.weight` / `.lora.up.weight`, `.lora_linear_layer.down.weight` and the attention
@@ -25,14 +26,17 @@ from sdrt.lora.targets import KOHYA_PREFIXES, Target, TargetTable
 # the last part of a key -> the factor it holds
 _KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha",
                 "hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b",
-                "hada_t1": "t1", "hada_t2": "t2"}
+                "hada_t1": "t1", "hada_t2": "t2",
+                "lokr_w1": "k1", "lokr_w1_a": "k1a", "lokr_w1_b": "k1b",
+                "lokr_w2": "k2", "lokr_w2_a": "k2a", "lokr_w2_b": "k2b"}
 _DIFFUSERS_ROLES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
                     ".lora.up.weight": "up", ".lora_linear_layer.down.weight": "down",
                     ".lora_linear_layer.up.weight": "up", ".alpha": "alpha"}
 # diffusers' attention-processor LoRA names: `<attn>.processor.to_q_lora.down.weight` -> `<attn>.to_q`
 _PROCESSOR = re.compile(r"(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
-_COMPONENT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
+_COMPONENT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
 _LORA_ROLES, _LOHA_ROLES = {"down", "up"}, {"w1a", "w1b", "w2a", "w2b"}
+_LOKR_PARTS = {"k1", "k1a", "k1b", "k2", "k2a", "k2b"}
 
 
 @dataclass
@@ -46,13 +50,20 @@ class LayerDelta:
 
     @property
     def kind(self) -> str:
-        return "loha" if "w1a" in self.factors else "lora"
+        if "w1a" in self.factors:
+            return "loha"
+        return "lokr" if self.factors.keys() & _LOKR_PARTS else "lora"
 
-    def rank(self) -> int:
+    def rank(self) -> Optional[int]:
+        """The low-rank dimension; None for a LoKr whose two factors are both full matrices."""
+        if self.kind == "lokr":
+            b = self.factors.get("k1b", self.factors.get("k2b"))
+            return None if b is None else b.shape[0]
         return self.factors["w1b" if self.kind == "loha" else "down"].shape[0]
 
     def scale(self) -> float:
-        return 1.0 if self.alpha is None else self.alpha / self.rank()
+        rank = self.rank()
+        return 1.0 if self.alpha is None or rank is None else self.alpha / rank
 
     def delta(self) -> torch.Tensor:
         """[out, in] or [out, in, kh, kw] float32 on the factors' device, alpha/rank applied."""
@@ -64,6 +75,8 @@ class LayerDelta:
                 d = torch.einsum("ijkl,jr,pi->prkl", f["mid"], down.flatten(1), up)
             else:
                 d = up @ down.flatten(1)
+        elif self.kind == "lokr":
+            d = _kron(f)
         else:
             d = _hada(f["w1a"], f["w1b"], f.get("t1")) * _hada(f["w2a"], f["w2b"], f.get("t2"))
         return d.reshape(shape) * self.scale()
@@ -88,6 +101,17 @@ class LayerDelta:
             flat.addmm_(f["up"].flatten(1), f["down"].flatten(1), alpha=scale * self.scale())
         else:
             weight.add_(self.delta(), alpha=scale)
+
+
+def _lokr_factor(f: dict[str, torch.Tensor], n: str) -> torch.Tensor:
+    """LoKr factor n (1 or 2) as a matrix: given whole, or as the product of its a [rows, r] and b [r, ...]."""
+    whole = f.get(f"k{n}")
+    return (f[f"k{n}a"] @ f[f"k{n}b"].flatten(1)) if whole is None else whole.flatten(1)
+
+
+def _kron(f: dict[str, torch.Tensor]) -> torch.Tensor:
+    """LyCORIS LoKr: kron(w1 [o1, i1], w2 [o2, i2*kh*kw]) is [o1*o2, i1*i2*kh*kw], the weight's flat layout."""
+    return torch.kron(_lokr_factor(f, "1"), _lokr_factor(f, "2"))
 
 
 def _hada(a: torch.Tensor, b: torch.Tensor, t: Optional[torch.Tensor]) -> torch.Tensor:
@@ -152,7 +176,10 @@ def _resolve(key: str, table: TargetTable, source: Path) -> tuple[Target, str]:
 def _check(layer: LayerDelta, source: Path) -> None:
     """Every factor present and of a shape whose product is the target's weight shape."""
     roles, name, shape = set(layer.factors) - {"mid", "t1", "t2"}, layer.target.name, layer.target.weight.shape
-    needed = _LOHA_ROLES if roles & _LOHA_ROLES else _LORA_ROLES
+    if roles & _LOKR_PARTS:  # each factor whole, or as its a and b
+        needed = {r for n in "12" for r in ((f"k{n}",) if f"k{n}" in roles else (f"k{n}a", f"k{n}b"))}
+    else:
+        needed = _LOHA_ROLES if roles & _LOHA_ROLES else _LORA_ROLES
     if roles != needed:
         missing = ", ".join(sorted(needed - roles)) or "none"
         raise LoraFileError(f"{source}: layer {name} has LoRA parts {', '.join(sorted(roles))}; missing {missing}")
@@ -176,6 +203,8 @@ def _check(layer: LayerDelta, source: Path) -> None:
 def _meta_delta_shape(layer: LayerDelta) -> Optional[tuple[int, ...]]:
     """The shape of the unreshaped delta, computed on meta tensors (no arithmetic)."""
     f = layer.factors
+    if layer.kind == "lokr":
+        return tuple(_kron(f).shape)
     if layer.kind == "lora":
         up, down = f["up"].flatten(1), f["down"]
         if "mid" in f:

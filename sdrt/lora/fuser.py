@@ -5,7 +5,8 @@ written into the existing parameter storage: CUDA graphs, backend wrappers and a
 tensor see the new values, and nothing is recaptured or rebuilt. `W0`, the weight before any LoRA, is kept
 (a copy in the weight's own dtype and device, taken the first time a LoRA touches it and kept from then on,
 so a later switch does not pay for it again), so unloading writes back exactly the original bits rather than
-subtracting in low precision. A change recomputes only the layers the loaded or unloaded LoRA touches; inside
+subtracting in low precision. A weight known to hold W0's bits (just restored, or never fused) takes its
+first delta in place (`W.addmm_`), the same arithmetic as `addmm(W0, out=W)` without reading W0. A change recomputes only the layers the loaded or unloaded LoRA touches; inside
 `batch()` the changes of several calls are applied once, at its end (one pass over each weight per switch).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ class LoraFuser:
     def __init__(self) -> None:
         self._loras: "OrderedDict[str, tuple[dict[str, LayerDelta], float]]" = OrderedDict()
         self._originals: dict[str, torch.Tensor] = {}  # target name -> W0
+        self._pristine: set[str] = set()  # targets whose weight holds W0's exact bits now
         self._targets: dict[str, Target] = {}
         self._pending: Optional[set[str]] = None  # inside batch(): the targets to refuse at its end
         self.on_change: Optional[ChangeHook] = None
@@ -58,6 +60,7 @@ class LoraFuser:
             self._targets.setdefault(layer.target.name, layer.target)
             if layer.target.name not in self._originals:
                 self._originals[layer.target.name] = layer.target.weight.detach().clone()
+                self._pristine.add(layer.target.name)
         self._loras[name] = (layers, scale)
         self._refuse(layers)
 
@@ -83,17 +86,24 @@ class LoraFuser:
             active = [(layers[target_name], scale) for layers, scale in self._loras.values() if target_name in layers]
             weight = target.weight
             if not active:  # back to the exact original bits
-                weight.copy_(original)
+                if target_name not in self._pristine:
+                    weight.copy_(original)
+                    self._pristine.add(target_name)
                 restored.add(target_name)
             elif weight.dtype == torch.float32:  # straight into the parameter's storage, one pass
-                active[0][0].write_sum(weight, original, active[0][1])
+                if target_name in self._pristine:  # the weight holds W0's bits: add in place, W0 not read
+                    active[0][0].add_to(weight, active[0][1])
+                else:
+                    active[0][0].write_sum(weight, original, active[0][1])
                 for layer, scale in active[1:]:
                     layer.add_to(weight, scale)
+                self._pristine.discard(target_name)
             else:  # low precision: sum in float32, round once
                 w = original.float()
                 for layer, scale in active:
                     layer.add_to(w, scale)
                 weight.copy_(w)
+                self._pristine.discard(target_name)
             changed.append(target)
         if self.on_change is not None and changed:
             self.on_change(changed, restored)

@@ -9,20 +9,21 @@ spellings, all resolved here to our module name (diffusers' / transformers' name
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 from torch import nn
 
 from sdrt.single_file import _find_rule, unet_rules
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TEXT_MODEL_PREFIX = "text_model."
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                  "lora_te2_": "text_encoder_2"}
 
 
 @dataclass(frozen=True)
 class Target:
-    component: str          # "unet" | "text_encoder"
+    component: str          # "unet" | "text_encoder" | "text_encoder_2" (SDXL)
     module: str             # our module name inside the component, e.g. "down_blocks.0.resnets.0.conv1"
     weight: nn.Parameter    # the parameter a fused LoRA writes into, in place
 
@@ -34,13 +35,15 @@ class Target:
 class TargetTable:
     """Every LoRA-able layer of a U-Net and a text encoder, by each name files give it."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module):
-        self.modules: dict[str, dict[str, Target]] = {}
+    def __init__(self, unet: nn.Module, text_encoder: Optional[nn.Module], text_encoder_2: Optional[nn.Module] = None):
+        self.modules: dict[str, dict[str, Target]] = {c: {} for c in COMPONENTS}
         self.kohya: dict[str, Target] = {}  # "lora_unet_down_blocks_0_..." -> target
-        for component, root in (("unet", unet), ("text_encoder", text_encoder)):
+        for component, root in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+            if root is None:  # SD 1/2 have no second text encoder; an SDXL refiner no first
+                continue
             found = {name: Target(component, name, m.weight) for name, m in root.named_modules()
                      if isinstance(m, (nn.Linear, nn.Conv2d))}
-            if component == "text_encoder":  # transformers >= 5 names CLIPTextModel's layers without it
+            if component != "unet":  # transformers >= 5 names CLIPTextModel's layers without it
                 found.update({n.removeprefix(TEXT_MODEL_PREFIX): t for n, t in list(found.items())})
             self.modules[component] = found
             for name, target in found.items():

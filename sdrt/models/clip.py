@@ -169,6 +169,11 @@ class CLIPTextModelWithProjection(CLIPTextModel):
         """-> [B, projection_dim]: transformers' CLIPTextModelWithProjection(...).text_embeds."""
         return self.text_projection(self.pooled(last_hidden, input_ids))
 
+    def sdxl_states(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's two readings: (penultimate hidden states [B, L, D], text_embeds [B, projection_dim])."""
+        penultimate, last = self.penultimate(input_ids)
+        return penultimate, self.text_embeds(last, input_ids)
+
 
 def projection_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A transformers CLIPTextModelWithProjection checkpoint -> CLIPTextModelWithProjection's state dict."""
