@@ -17,13 +17,14 @@ setup(
         "triton": ["triton"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "gpu": ["onnxruntime-gpu", "tensorrt"],
+        "control": ["opencv-python-headless"],  # ControlNet preprocessors (canny)
         "serve": ["fastapi", "uvicorn", "prometheus_client"],
         "ray": ["ray[serve]", "fastapi", "uvicorn", "prometheus_client"],
         # everything the test suite exercises on a CPU-only machine
         "test": ["pytest", "pytest-benchmark", "diffusers", "transformers", "accelerate", "matplotlib",
                  "triton", "onnx", "onnxruntime", "onnxscript",
                  "fastapi", "uvicorn", "prometheus_client", "httpx", "webuiapi", "openai", "peft",
-                 "ray[serve]", "pyyaml"],
+                 "ray[serve]", "pyyaml", "opencv-python-headless"],
     },
     entry_points={"console_scripts": ["sdrt=sdrt.cli:main"]},
 )

@@ -7,9 +7,11 @@
 # valuable first), each under its own time cap and all under one deadline (SDRT_SUITE_SECONDS, 570 s), each
 # logging to OUTDIR/STEP.log and recording its exit code in OUTDIR/summary.txt; a step that finds too little
 # time left is skipped and says so. Give STEP names to run only those (e.g. a second call for skipped ones).
-#   tests        CUDA graph + triton backend + triton U-Net tests  -> tests.log, tests.xml
+#   tests        CUDA graph + triton backend + triton U-Net tests (SD and SDXL)  -> tests.log, tests.xml
 #   bench        sdrt torch/triton vs diffusers eager (main, batch 4, SD 2.1 rows) -> bench-*.json (rewritten
 #                after every row), bench-*.png, bench.log
+#   bench-sdxl   SDXL (random:sdxl, 1024x1024, 30 steps, CFG 5): sdrt triton vs diffusers eager
+#                (StableDiffusionXLPipeline) -> a second bench-*.json/.png, bench-sdxl.log
 #   check        sdrt check on the full-size SD 1.5 config, triton fp16 -> check-sd15-triton.json, check.log
 #   compile      the diffusers torch.compile row (SDRT_COMPILE_MODE, max-autotune), budget = time left - 75 s
 #                -> a second bench-*.json
@@ -22,7 +24,7 @@ set -uo pipefail
 
 out="${1:?usage: bench/gpu_suite.sh OUTDIR [STEP...]}"
 shift
-all_steps=(tests bench check compile kernel-tests kernels components)
+all_steps=(tests bench bench-sdxl check compile kernel-tests kernels components)
 wanted=("${@:-${all_steps[@]}}")
 for name in "${wanted[@]}"; do
   [[ " ${all_steps[*]} " == *" $name "* ]] || { echo "gpu_suite.sh: unknown step '$name' (steps: ${all_steps[*]})" >&2; exit 2; }
@@ -91,9 +93,11 @@ step() {
 }
 
 pytest=($py -m pytest -q -rfE -p no:cacheprovider)
-step tests 110 "${pytest[@]}" tests/test_graphs.py tests/test_triton_backend.py tests/test_triton_unet.py \
-  --junitxml="$out/tests.xml"
+step tests 140 "${pytest[@]}" tests/test_graphs.py tests/test_triton_backend.py tests/test_triton_unet.py \
+  tests/test_sdxl_graphs.py tests/test_sdxl_triton.py --junitxml="$out/tests.xml"
 step bench 240 $py -m sdrt.cli -v bench --out "$out" --rows "sdrt torch" --rows "sdrt triton" --rows "diffusers eager"
+step bench-sdxl 150 cuda $py -m sdrt.cli -v bench --model random:sdxl --out "$out" --rows "sdrt triton" \
+  --rows "diffusers eager"
 step check 75 cuda $py -m sdrt.cli check --model random:sd15 --backend triton --dtype float16 --steps 20 \
   --json "$out/check-sd15-triton.json"
 # torch.compile cannot be interrupted: the row gets the time left but for model building and its timed runs

@@ -21,21 +21,29 @@ def _copy_weights(target: torch.nn.Module, source: dict[str, torch.Tensor]) -> N
 
 
 def diffusers_pipeline(parts: Components, device: Any, dtype: torch.dtype):
-    """A diffusers StableDiffusionPipeline with `parts`' configs and weights (copied), on `device`/`dtype`.
-    The tokenizer is not used by the benchmarks (they pass prompt embeddings): a placeholder stands in."""
+    """A diffusers StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL components) with `parts`' configs
+    and weights (copied), on `device`/`dtype`, with DDIM. The tokenizers are not used by the benchmarks (they pass
+    prompt embeddings): placeholders stand in."""
+    import diffusers
     from diffusers import AutoencoderKL as DAutoencoderKL
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig as TCLIPTextConfig
     from transformers import CLIPTextModel as TCLIPTextModel
+    from transformers import CLIPTextModelWithProjection as TCLIPTextModelWithProjection
 
     ucfg, vcfg = parts.unet.config, parts.vae.config
     nv = len(vcfg.block_out_channels)
+    second = getattr(parts, "text_encoder_2", None)  # SDXL's OpenCLIP bigG, with its projection
+    specs = [(lambda: UNet2DConditionModel(**dataclasses.asdict(ucfg)), parts.unet),
+             (lambda: DAutoencoderKL(**dataclasses.asdict(vcfg), down_block_types=(_DOWN_VAE,) * nv,
+                                     up_block_types=(_UP_VAE,) * nv), parts.vae),
+             (lambda: TCLIPTextModel(TCLIPTextConfig(**dataclasses.asdict(parts.text_encoder.config))),
+              parts.text_encoder)]
+    if second is not None:
+        specs.append((lambda: TCLIPTextModelWithProjection(TCLIPTextConfig(**dataclasses.asdict(second.config))),
+                      second))
     built = []
-    for make, module in ((lambda: UNet2DConditionModel(**dataclasses.asdict(ucfg)), parts.unet),
-                         (lambda: DAutoencoderKL(**dataclasses.asdict(vcfg), down_block_types=(_DOWN_VAE,) * nv,
-                                                 up_block_types=(_UP_VAE,) * nv), parts.vae),
-                         (lambda: TCLIPTextModel(TCLIPTextConfig(**dataclasses.asdict(parts.text_encoder.config))),
-                          parts.text_encoder)):
+    for make, module in specs:
         with torch.device("meta"):
             model = make()
         model = model.to_empty(device=device)
@@ -44,9 +52,15 @@ def diffusers_pipeline(parts: Components, device: Any, dtype: torch.dtype):
                 buffer.copy_(torch.arange(buffer.shape[-1], device=device).expand_as(buffer))
         _copy_weights(model, {k: v.to(device) for k, v in module.state_dict().items()})
         built.append(model.to(dtype).eval().requires_grad_(False))
-    unet, vae, text_encoder = built
+    unet, vae, text_encoder, *text_encoder_2 = built
     scheduler = DDIMScheduler.from_config(parts.scheduler_config)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=None, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if text_encoder_2:
+        pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2[0],
+                                                   tokenizer=None, tokenizer_2=None, unet=unet, scheduler=scheduler,
+                                                   add_watermarker=False)
+    else:
+        pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=None, unet=unet,
+                                                 scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

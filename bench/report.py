@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-COLUMNS = (("row", "name", "{}", 26), ("model", "model", "{}", 6), ("batch", "batch", "{}", 5),
+COLUMNS = (("row", "name", "{}", 26), ("model", "model", "{}", 9), ("batch", "batch", "{}", 5),
            ("size", "size", "{}", 5), ("steps", "steps", "{}", 5), ("U-Net it/s", "unet_its", "{:.2f}", 10),
            ("p50 s", "latency_p50_s", "{:.3f}", 8), ("p90 s", "latency_p90_s", "{:.3f}", 8),
            ("1st call s", "first_call_s", "{:.1f}", 10), ("peak MB", "peak_memory_mb", "{:.0f}", 8),

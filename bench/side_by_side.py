@@ -5,6 +5,9 @@ Rows on CUDA (SD 1.5 config, 512x512, batch 1, 50 DDIM steps, CFG 7.5, fp16):
   (mode max-autotune, last so a compile over its budget cannot disturb the others), then secondary rows
   (20 steps, 2 runs): batch 4, and the SD 2.1 config (768x768, v-prediction), for sdrt triton and diffusers eager.
 Rows on a CPU (the tiny config, fp32, few steps): sdrt torch and diffusers eager.
+`model=` (`sdrt bench --model random:NAME`) runs the main rows on another config at its native size, without
+the secondary rows: `sdxl` is SDXL base 1.0's config at 1024x1024, 30 DDIM steps, CFG 5.0 (diffusers' SDXL
+default), against diffusers' StableDiffusionXLPipeline; `tiny-sdxl` is its CPU-sized twin.
 
 Measured per row:
   - U-Net it/s: steps / wall time of a generation from prompt embeddings to latents (the denoising loop
@@ -30,6 +33,8 @@ import numpy as np
 import torch
 
 from sdrt.bench.models import diffusers_pipeline
+from sdrt.bench.prompt_inputs import diffusers_prompt_inputs, sdrt_prompt_inputs
+from sdrt.errors import InvalidInputError
 from sdrt.models import random_weights
 
 log = logging.getLogger(__name__)
@@ -82,15 +87,20 @@ def unet_tflop_per_step(model: str, case: Case) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from sdrt.models.unet import UNet
-    _, ucfg, vcfg, _ = random_weights.CONFIGS[model]
+    ucfg, vcfg = random_weights.unet_vae_configs(model)
     side = case.size // vcfg.downsample_factor
     n = case.batch * (2 if case.guidance > 1 else 1)
     with torch.device("meta"):
         unet = UNet(ucfg)
         x, ctx = torch.randn(n, 4, side, side), torch.randn(n, 77, ucfg.cross_attention_dim)
         t = torch.tensor(500)
+        added = {}
+        if model in random_weights.SDXL_CONFIGS:  # pooled text embeds and the 6 size/crop ids
+            width = random_weights.SDXL_CONFIGS[model][1].projection_dim
+            ids = (ucfg.projection_class_embeddings_input_dim - width) // ucfg.addition_time_embed_dim
+            added = dict(text_embeds=torch.randn(n, width), time_ids=torch.randn(n, ids))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        unet(x, t, ctx)
+        unet(x, t, ctx, **added)
     return counter.get_total_flops() / 1e12
 
 
@@ -147,13 +157,12 @@ def sdrt_row(backend: str, dtype: torch.dtype, case: Case, device: torch.device,
     ids = _ids(pipe.tokenizer, case, device)
     settings = dict(steps=case.steps, guidance_scale=case.guidance, height=case.size, width=case.size)
     with torch.inference_mode():
-        embeds = pipe.text_encoder(ids)
+        embeds = sdrt_prompt_inputs(pipe, ids, case.batch)
 
-    def generate(seed: int, context: Optional[torch.Tensor], output: str):
+    def generate(seed: int, inputs: Optional[dict], output: str):
         with torch.inference_mode():
-            context = pipe.text_encoder(ids) if context is None else context
-            return pipe(prompt_embeds=context[case.batch:], negative_prompt_embeds=context[:case.batch],
-                        seed=seed, output=output, **settings)
+            inputs = sdrt_prompt_inputs(pipe, ids, case.batch) if inputs is None else inputs
+            return pipe(**inputs, seed=seed, output=output, **settings)
 
     label = f"sdrt {backend}" + (" (graphed)" if isinstance(pipe.denoiser, DenoiseGraphs) else "")
     row = measure(label, dtype, case, device, lambda s: generate(s, None, "np"),
@@ -176,15 +185,14 @@ def diffusers_row(dtype: torch.dtype, case: Case, device: torch.device, flops: O
     del parts
     ids = _ids(random_weights.byte_tokenizer(), case, device)
     with torch.inference_mode():
-        embeds = pipe.text_encoder(ids)[0]
+        embeds = diffusers_prompt_inputs(pipe, ids, case.batch)
     settings = dict(num_inference_steps=case.steps, guidance_scale=case.guidance, height=case.size, width=case.size)
 
-    def generate(seed: int, context: Optional[torch.Tensor], output_type: str):
+    def generate(seed: int, inputs: Optional[dict], output_type: str):
         with torch.inference_mode():
-            context = pipe.text_encoder(ids)[0] if context is None else context
+            inputs = diffusers_prompt_inputs(pipe, ids, case.batch) if inputs is None else inputs
             gen = torch.Generator("cpu").manual_seed(seed)
-            return pipe(prompt_embeds=context[case.batch:], negative_prompt_embeds=context[:case.batch],
-                        generator=gen, output_type=output_type, **settings)
+            return pipe(**inputs, generator=gen, output_type=output_type, **settings)
 
     if compile_budget_s is not None:
         pipe.unet = torch.compile(pipe.unet, mode=compile_mode, fullgraph=False)
@@ -242,16 +250,34 @@ def _diffusers_available() -> Optional[str]:
     return None
 
 
+def model_case(model: str, device: torch.device, steps: Optional[int], runs: Optional[int]) -> Case:
+    """The main case of `model` (a random_weights name) at its native size: batch 1, CFG (5.0 for SDXL, as
+    diffusers' SDXL pipeline defaults, else 7.5); SDXL 30 steps, others 50 on CUDA; 10 on a CPU."""
+    if model not in random_weights.MODELS:
+        raise InvalidInputError(f"model must be one of {', '.join('random:' + m for m in random_weights.MODELS)}, "
+                                f"got {'random:' + model!r}")
+    ucfg, vcfg = random_weights.unet_vae_configs(model)
+    sdxl = model in random_weights.SDXL_CONFIGS
+    default_steps = 10 if device.type != "cuda" else 30 if sdxl else 50
+    return Case(model, 1, ucfg.sample_size * vcfg.downsample_factor, steps or default_steps,
+                guidance=5.0 if sdxl else 7.5, runs=runs or (3 if device.type == "cuda" and sdxl else 5))
+
+
 def run_bench(device: torch.device, *, steps: Optional[int] = None, runs: Optional[int] = None,
               compile_budget_s: float = 180.0, compile_mode: str = "max-autotune", secondary: bool = True,
-              rows: Optional[set[str]] = None, on_row: Optional[Callable[[dict], None]] = None) -> dict:
+              rows: Optional[set[str]] = None, on_row: Optional[Callable[[dict], None]] = None,
+              model: Optional[str] = None) -> dict:
     """All rows for `device`; `rows` limits them by name prefix (e.g. {"sdrt", "diffusers eager"}).
+    `model`: a random_weights name for the main rows instead of the device's default (then no secondary rows).
     `on_row(result so far)` is called after every row, so a run killed midway still leaves its rows."""
     device = torch.device(device)
     want = (lambda name: True) if rows is None else (lambda name: any(name.startswith(r) for r in rows))
     out_rows: list[Row] = []
     missing = _diffusers_available()
-    if device.type == "cuda":
+    if model is not None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        main, extra = model_case(model, device, steps, runs), []
+    elif device.type == "cuda":
         dtype = torch.float16
         main = Case("sd15", 1, 512, steps or 50, runs=runs or 5)
         # secondary rows at 20 steps, 2 runs: it/s per step is what they report, and at 50 steps and 3 runs

@@ -6,7 +6,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -59,9 +59,21 @@ def load_controlnet(path: PathArg, dtype: torch.dtype = torch.float32,
                          f"checkpoint)")
 
 
+def check_controlnet_backend(controlnet: Any, backend: str, cuda_graphs: Optional[bool]) -> None:
+    """ControlNets run on the torch backend's eager loop (the other backends' U-Nets take no residuals yet)."""
+    if controlnet is None:
+        return
+    if backend != "torch":
+        raise InvalidInputError(f"controlnet needs backend='torch' (sdrt has no {backend} ControlNet yet), "
+                                f"got backend={backend!r}")
+    if cuda_graphs:
+        raise InvalidInputError("controlnet runs without CUDA graphs: leave cuda_graphs unset or False")
+
+
 def load_controlnets(paths: Union[PathArg, Sequence[PathArg]], dtype: torch.dtype, device: Union[str, torch.device],
-                     unet_cfg: UNetConfig, model: str) -> list[ControlNet]:
-    """`paths`: one path or a non-empty list of them; each ControlNet is checked to fit `unet_cfg`."""
+                     unet_cfg: UNetConfig, vae_factor: int, model: str) -> list[ControlNet]:
+    """`paths`: one path or a non-empty list of them; each ControlNet is checked to fit `unet_cfg` and a VAE
+    of `vae_factor` pixels per latent."""
     items = list(paths) if isinstance(paths, (list, tuple)) else [paths]
     if not items or not all(isinstance(p, (str, os.PathLike)) for p in items):
         raise InvalidInputError(f"controlnet must be a path or a non-empty list of paths, got {paths!r:.120}")
@@ -69,6 +81,10 @@ def load_controlnets(paths: Union[PathArg, Sequence[PathArg]], dtype: torch.dtyp
     for p in items:
         net = load_controlnet(p, dtype, device)
         check_fits(net.config, unet_cfg, str(p), model)
+        if net.config.downsample_factor != vae_factor:
+            raise InvalidInputError(f"controlnet {p} was made for another base model: its control images have "
+                                    f"{net.config.downsample_factor} pixels per latent, the model {model}'s VAE "
+                                    f"{vae_factor}")
         nets.append(net)
     return nets
 

@@ -16,8 +16,9 @@ context of another length or dtype is a new capture, never a refused or silently
 Python value baked in at capture (the scheduler, its eta and its whole resolved config - prediction type,
 clip range, ... -, the schedule's non-tensor fields, which steps take noise, the start index, guidance
 on/off, the inpainting mode, and which U-Net object runs). Every tensor the loop reads (latents, context,
-guidance scale, step noise, the schedule's tables, the inpainting condition and blend) is a static input
-copied on each call, so a new seed, prompt, guidance scale or strength never recaptures.
+guidance scale, step noise, the schedule's tables, the inpainting condition and blend, the U-Net's added
+inputs - SDXL's text_embeds and time_ids, by name, shape and dtype) is a static input copied on each call,
+so a new seed, prompt, guidance scale, strength or SDXL size/crop/aesthetic id never recaptures.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from typing import Any, Callable, Hashable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from sdrt.denoise import LatentBlend, denoise
+from sdrt.denoise import LatentBlend, check_added, denoise
 from sdrt.errors import InvalidInputError
 from sdrt.guidance import per_sample_scale, uses_cfg
 from sdrt.schedulers import Schedule, Scheduler
@@ -222,7 +223,8 @@ def _schedule_from(template: Schedule, tensors: Sequence[Tensor]) -> Schedule:
 
 
 def _static_inputs(latents: Tensor, context: Tensor, guidance: Tensor, step_noise: Sequence[Optional[Tensor]],
-                   schedule: Schedule, condition: Optional[Tensor], blend: Optional[LatentBlend]) -> list:
+                   schedule: Schedule, condition: Optional[Tensor], blend: Optional[LatentBlend],
+                   added: Mapping[str, Tensor]) -> list:
     """(name, tensor) of every static input of the loop, in the order the loop function takes them."""
     named = [("latents", latents), ("context", context), ("guidance", guidance),
              *((f"noise[{i}]", n) for i, n in enumerate(step_noise) if n is not None),
@@ -231,6 +233,7 @@ def _static_inputs(latents: Tensor, context: Tensor, guidance: Tensor, step_nois
         named.append(("condition", condition))
     if blend is not None:
         named += [("blend.mask", blend.mask), ("blend.image_latents", blend.image_latents), ("blend.noise", blend.noise)]
+    named += [(f"added.{name}", added[name]) for name in sorted(added)]
     return named
 
 
@@ -244,10 +247,12 @@ class DenoiseGraphs:
 
     def key(self, unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: Tensor, context: Tensor,
             guidance_scale: float, start: int, step_noise: Sequence[Optional[Tensor]], *,
-            condition: Optional[Tensor] = None, blend: Optional[LatentBlend] = None) -> DenoiseKey:
+            condition: Optional[Tensor] = None, blend: Optional[LatentBlend] = None,
+            added: Optional[Mapping[str, Tensor]] = None) -> DenoiseKey:
         """The capture key of a call with these arguments (the same as `__call__`'s)."""
-        guidance = torch.tensor(float(guidance_scale), dtype=torch.float32, device=latents.device)
-        named = _static_inputs(latents, context, guidance, step_noise, schedule, condition, blend)
+        guidance = per_sample_scale([float(guidance_scale)] * latents.shape[0], latents.device)
+        named = _static_inputs(latents, context, guidance, step_noise, schedule, condition, blend,
+                               check_added(added, context))
         return self._key(unet, scheduler, schedule, named, uses_cfg(guidance_scale), start, condition, blend)
 
     @staticmethod
@@ -263,7 +268,8 @@ class DenoiseGraphs:
     def __call__(self, unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: Tensor, context: Tensor,
                  guidance_scale: Union[float, Sequence[float]], start: int, step_noise: Sequence[Optional[Tensor]],
                  *, condition: Optional[Tensor] = None, blend: Optional[LatentBlend] = None,
-                 on_step: Optional[Callable[[int], None]] = None) -> Tensor:
+                 on_step: Optional[Callable[[int], None]] = None,
+                 added: Optional[Mapping[str, Tensor]] = None) -> Tensor:
         cfg = uses_cfg(guidance_scale)
         noise_at = [i for i, n in enumerate(step_noise) if n is not None]
         # always one scale per sample ([B, 1, 1, 1]): a scalar or a list call replays the same capture
@@ -273,7 +279,9 @@ class DenoiseGraphs:
                                     f"got {len(scales)}")
         guidance = per_sample_scale(scales, latents.device)
         sched_tensors = _schedule_tensors(schedule)
-        named = _static_inputs(latents, context, guidance, step_noise, schedule, condition, blend)
+        added = check_added(added, context)
+        added_names = sorted(added)
+        named = _static_inputs(latents, context, guidance, step_noise, schedule, condition, blend, added)
         key = self._key(unet, scheduler, schedule, named, cfg, start, condition, blend)
         inputs = [t for _, t in named]
         n_steps = len(step_noise)
@@ -285,9 +293,10 @@ class DenoiseGraphs:
             for i, n in zip(noise_at, noise_s):
                 noise_list[i] = n
             condition_s = extra_s.pop(0) if condition is not None else None
-            blend_s = LatentBlend(*extra_s) if blend is not None else None
+            blend_s = LatentBlend(*(extra_s.pop(0) for _ in range(3))) if blend is not None else None
+            added_s = dict(zip(added_names, extra_s, strict=True))
             return denoise(unet, scheduler, _schedule_from(schedule, sched_s), latents_s, context_s, guidance_s,
-                           start, noise_list, condition=condition_s, blend=blend_s, cfg=cfg)
+                           start, noise_list, condition=condition_s, blend=blend_s, cfg=cfg, added=added_s)
 
         entry = self.cache.get_or_create(key, lambda: self._create(loop, inputs, key))
         out = entry(*inputs)

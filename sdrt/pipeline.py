@@ -32,6 +32,8 @@ from sdrt.backends import BACKENDS, prepare_backend
 from sdrt.checks import (Limits, check_guidance, check_image_count, check_output, check_pixels, check_positive_int,
                          check_size, check_steps, check_text, strength_or_default)
 from sdrt.components import BUNDLED_MODEL, Components, load_components
+from sdrt.control import DEFAULT_SCALES, ControlResiduals, check_control
+from sdrt.controlnet_loading import check_controlnet_backend, load_controlnets
 from sdrt.denoise import LatentBlend, denoise
 from sdrt.errors import InvalidInputError, ModelLoadError, NumericalError
 from sdrt.graphs import DenoiseGraphs, GraphCache
@@ -65,6 +67,7 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
          dtype: Union[str, torch.dtype, None] = None, tokenizer: Union[str, Path, None] = None,
          cuda_graphs: Optional[bool] = None, prediction_type: Optional[str] = None,
          limits: Optional[Limits] = None, lora_dirs: Optional[Sequence[Union[str, Path]]] = None,
+         controlnet: Union[str, Path, Sequence[Union[str, Path]], None] = None,
          vae: Union[str, Path, None] = None) -> "Pipeline":
     """A ready pipeline. `model`: a diffusers folder or a single-file .safetensors checkpoint; None = the bundled
     tiny model. The tokenizer: the `tokenizer` folder, else the model's `tokenizer/` (for a single file, one beside
@@ -77,10 +80,13 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     on for the triton backend on CUDA; the torch backend on CUDA may opt in; other backends and the CPU cannot.
     limits: the bounds on each call (`sdrt.Limits`); default `Limits.from_env()`, the SDRT_MAX_* variables.
     lora_dirs: folders in which prompts' `<lora:NAME:WEIGHT>` tags find NAME (see `sdrt.lora.prompt_loras`).
+    controlnet: a ControlNet (diffusers folder or single file) or a list of them, each checked to fit the model;
+    calls then take control_image= (see `Pipeline.__call__`, `sdrt.control`).
     vae: a VAE folder or file replacing the model's (e.g. SDXL's fp16-fix VAE); see `sdrt.vae_loading`."""
     _check_path("model", model)
     _check_path("vae", vae)
     folders = None if lora_dirs is None else lora_folders(lora_dirs)
+    check_controlnet_backend(controlnet, backend, cuda_graphs)
     _check_path("tokenizer", tokenizer)
     if backend not in BACKENDS:
         raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -97,6 +103,9 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
         components.vae = load_separate_vae(vae, components.vae.config, dtype, device)
     pipe = _assemble(components, backend, device, dtype, graphed, limits)
     pipe._lora_folders = folders
+    if controlnet is not None:
+        pipe.controlnets = load_controlnets(controlnet, dtype, device, pipe.unet.config, pipe.vae_scale_factor,
+                                            pipe.model)
     return pipe
 
 
@@ -116,7 +125,7 @@ def from_components(components: Components, *, backend: str = "torch", device: U
 def _assemble(components: Components, backend: str, device: torch.device, dtype: torch.dtype,
               graphed: bool, limits: Limits) -> "Pipeline":
     from sdrt.sdxl_pipeline import pipeline_class  # SDXL's pipeline builds on this module
-    cls = pipeline_class(components, backend, graphed)
+    cls = pipeline_class(components, backend)
     components = prepare_backend(backend, components, device, dtype)
     log.info("loaded %s on %s/%s with the %s backend", components.source, device, dtype, backend)
     pipe = cls(components, device=device, dtype=dtype, backend=backend, limits=limits)
@@ -247,6 +256,8 @@ class Pipeline(LoraMixin):
         self.native_size = (side, side)  # (height, width) the model was trained at
         # the loop runner: `denoise` itself, or a `DenoiseGraphs` replaying captured loops (same signature)
         self.denoiser: Callable[..., torch.Tensor] = denoise
+        self.controlnets: list = []  # sdrt.models.controlnet.ControlNet, set by load(controlnet=...)
+        self.control_scale_defaults = DEFAULT_SCALES  # per mode, as the diffusers ControlNet pipelines
         self.embedding_tokens: dict[str, list[int]] = {}  # textual inversion: token -> its vectors' ids
         self.text_layers = (0 if components.text_encoder is None  # clip_skip's bound (an SDXL refiner: no encoder 1)
                             else components.text_encoder.config.num_hidden_layers)
@@ -262,7 +273,12 @@ class Pipeline(LoraMixin):
                  prompt_embeds: Optional[torch.Tensor] = None, negative_prompt_embeds: Optional[torch.Tensor] = None,
                  output: str = "pil", progress: Optional[Callable[[int, int], None]] = None,
                  clip_skip: Optional[int] = None, prompt_chunking: bool = True,
-                 emphasis: str = "original") -> GenerationResult:
+                 emphasis: str = "original", control_image: Any = None,
+                 controlnet_conditioning_scale: Union[float, Sequence[float], None] = None,
+                 control_guidance_start: Union[float, Sequence[float]] = 0.0,
+                 control_guidance_end: Union[float, Sequence[float]] = 1.0,
+                 guess_mode: bool = False, control_preprocess: Union[str, Sequence[Optional[str]], None] = None
+                 ) -> GenerationResult:
         """Generate images; `progress(done, total)` is called after every denoising step.
         strength: how much of the image to redo, in [0, 1]; None = diffusers' default for the mode
         (img2img 0.8, inpainting 1.0).
@@ -271,6 +287,11 @@ class Pipeline(LoraMixin):
         Prompts (see `sdrt.prompt_encoding`): longer than 75 tokens they are encoded in 75-token chunks
         (prompt_chunking=False truncates instead); `(word:1.3)` emphasis per `emphasis` ("original" | "no_norm"
         | "none"); clip_skip=N uses the text encoder's hidden state N layers before the last.
+        With ControlNets (`load(controlnet=...)`): control_image, one image (a list: one per ControlNet) of the
+        output's size, which it sets when height, width and image are not given; the scale, start and end are a
+        number or one per ControlNet; an unset scale is diffusers' default for the mode (txt2img 1.0, img2img
+        0.8, inpainting 0.5); control_preprocess: a preprocessor name such as "canny" (or one per ControlNet,
+        None = ready) run on the control images first; see `sdrt.control`, `sdrt.control_preprocess`.
         See the module docstring for the modes and README.md for the contract."""
         timer = _PhaseTimer(self.device)
         prompt, tag_loras = self._take_lora_tags(prompt, negative_prompt)  # <lora:NAME:W>: sdrt.lora.prompt_loras
@@ -288,7 +309,16 @@ class Pipeline(LoraMixin):
         image_latents = imgs.latent_image(image)  # latents given as the image (a [n, 4, h, w] tensor), or None
         init_image = None if image is None or image_latents is not None else imgs.image_to_tensor(image)  # [1, 3, H, W]
         image_size = None if image is None else self._image_size(init_image, image_latents)
+        control = check_control(len(self.controlnets), control_image, controlnet_conditioning_scale,
+                                control_guidance_start, control_guidance_end, guess_mode,
+                                self.control_scale_defaults["txt2img" if image is None else
+                                                            "img2img" if mask is None else "inpaint"],
+                                control_preprocess)
+        if control is not None and image is None and height is None and width is None:
+            height, width = control.size
         height, width = self._size(height, width, image_size)
+        if control is not None:
+            control.check_sizes(height, width)
         if mask is not None and image is None:
             raise InvalidInputError("mask needs image: pass the image to inpaint as image=")
         if mask is not None and image_latents is not None:
@@ -317,7 +347,7 @@ class Pipeline(LoraMixin):
                                                      image is not None)
 
         self._sync_tag_loras(tag_loras)
-        context, unet = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts,
+        context, added = self._conditioning(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts,
                                            num_images, cfg, prompt_options, (height, width),
                                            image_mode=image is not None)
         timer.lap("encode_prompt")
@@ -328,9 +358,11 @@ class Pipeline(LoraMixin):
 
         total = len(schedule.timesteps) - start
         on_step = None if progress is None else (lambda i: progress(i - start + 1, total))
-        x = self.denoiser(unet, sched, schedule, start_state.latents, context, guidance, start,
+        controlled = {} if control is None else {"control": ControlResiduals(
+            self.controlnets, control, batch, cfg, start, total, self.device, self.dtype)}
+        x = self.denoiser(self.unet, sched, schedule, start_state.latents, context, guidance, start,
                           start_state.step_noise, condition=start_state.condition, blend=start_state.blend,
-                          on_step=on_step)
+                          on_step=on_step, added=added, **controlled)
         if not torch.isfinite(x).all():
             raise NumericalError(f"the final latents hold NaN or inf ({self._run_name()}); {self._nan_advice('loop')}")
         timer.lap("denoise")
@@ -433,9 +465,9 @@ class Pipeline(LoraMixin):
     # -- stages
     def _conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts: int,
                       num_images: int, cfg: bool, options: PromptOptions, size: tuple[int, int], image_mode: bool):
-        """-> (the context, the U-Net the loop calls as unet(x, t, context)); SDXL binds its added conditioning."""
+        """-> (the context, the U-Net's added inputs batched as it or None: SDXL's text_embeds and time_ids)."""
         return self._context(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts, num_images,
-                             cfg, options), self.unet
+                             cfg, options), None
 
     def _context(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts: int,
                  num_images: int, cfg: bool, options: PromptOptions) -> torch.Tensor:

@@ -152,18 +152,30 @@ def _truncated(builder: ChunkBuilder, groups: list, index: int) -> Chunk:
     return builder.finish()[0]
 
 
+def chunk_tensors(tokenizer: CLIPTokenizer, prompts: list[list[Chunk]],
+                  n_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's chunks, padded with empty chunks to n_chunks -> (ids, weights), both [B, n_chunks, 77]."""
+    empty = make_chunk(tokenizer, [], [])
+    padded = [chunks + [empty] * (n_chunks - len(chunks)) for chunks in prompts]
+    return (torch.tensor([[c.ids for c in chunks] for chunks in padded], dtype=torch.long),
+            torch.tensor([[c.weights for c in chunks] for chunks in padded]))
+
+
+def weighted(z: torch.Tensor, weights: torch.Tensor, options: PromptOptions) -> torch.Tensor:
+    """z [N, 77, D] chunk encodings with their weights [N, 77] applied per `options.emphasis`."""
+    if options.emphasis == "none" or not bool((weights != 1).any()):
+        return z
+    return apply_weights(z, weights.to(z.device), normalize=options.emphasis == "original")
+
+
 def encode_chunks(text_encoder, tokenizer: CLIPTokenizer, prompts: list[list[Chunk]], n_chunks: int,
                   options: PromptOptions, device: torch.device) -> torch.Tensor:
     """Each prompt's chunks, padded with empty chunks to n_chunks -> [B, n_chunks * 77, D]."""
-    empty = make_chunk(tokenizer, [], [])
-    padded = [chunks + [empty] * (n_chunks - len(chunks)) for chunks in prompts]
-    ids = torch.tensor([[c.ids for c in chunks] for chunks in padded], dtype=torch.long)  # [B, k, 77]
-    weights = torch.tensor([[c.weights for c in chunks] for chunks in padded])               # [B, k, 77]
+    ids, weights = chunk_tensors(tokenizer, prompts, n_chunks)
     b, k, n = ids.shape
     flat = ids.view(b * k, n).to(device)
     z = text_encoder(flat) if not options.clip_skip else text_encoder(flat, clip_skip=options.clip_skip)
-    if options.emphasis != "none" and bool((weights != 1).any()):
-        z = apply_weights(z, weights.view(b * k, n).to(z.device), normalize=options.emphasis == "original")
+    z = weighted(z, weights.view(b * k, n), options)
     return z.reshape(b, k * n, z.shape[-1])
 
 

@@ -1,5 +1,6 @@
-"""SDXL's micro-conditioning: the size/crop (or aesthetic-score) time ids, and the U-Net with a call's pooled
-text embeds and ids bound, so the denoising loop calls it as any U-Net: unet(x, t, context).
+"""SDXL's micro-conditioning: the size/crop (or aesthetic-score) time ids. The pipeline passes them with the
+pooled text embeds to the denoising loop as the U-Net's added inputs (`sdrt.denoise.denoise(added=...)`):
+tensors, so a CUDA-graphed loop takes new ids and prompts without a recapture.
 
 Defaults and rules are diffusers' StableDiffusionXL{,Img2Img,Inpaint}Pipeline's: original_size and target_size
 default to the output size, crops to (0, 0); text-to-image uses the negative sizes only when both are given
@@ -73,18 +74,6 @@ def time_ids(options: SDXLOptions, size: tuple, aesthetic: bool, image_mode: boo
     if options.negative_original_size is not None and options.negative_target_size is not None:
         return positive, [*options.negative_original_size, *neg_crops, *options.negative_target_size]
     return positive, positive
-
-
-class ConditionedUNet:
-    """unet(x, t, context) with SDXL's text_embeds [B or 2B, P] and time_ids [B or 2B, n] bound (CFG-batched
-    as the context is)."""
-
-    def __init__(self, unet: torch.nn.Module, text_embeds: Tensor, time_ids: Tensor):
-        self.unet, self.text_embeds, self.time_ids = unet, text_embeds, time_ids
-        self.config = unet.config
-
-    def __call__(self, sample: Tensor, timestep, context: Tensor) -> Tensor:
-        return self.unet(sample, timestep, context, text_embeds=self.text_embeds, time_ids=self.time_ids)
 
 
 def batched(rows: Sequence[Tensor], num_images: int) -> Tensor:

@@ -7,9 +7,9 @@ Size/crop/aesthetic ids: see `sdrt.sdxl_conditioning`. Unset strength: diffusers
 inpainting 0.9999).
 Base -> refiner handoff: denoising_end / denoising_start (see `sdrt.sdxl_handoff`); the refiner takes the base's
 result.latents as image=.
-Prompts are encoded as diffusers' SDXL pipelines encode them: one 77-token window, truncated, the text taken
-literally; the SD pipeline's long-prompt chunking and `(word:1.3)` emphasis (`sdrt.prompt_encoding`) do not
-apply to SDXL yet, nor do clip_skip and textual inversion (refused).
+Prompts: long-prompt chunks, `(word:1.3)` emphasis, clip_skip and textual inversion (SDXL's clip_l + clip_g
+files) through both encoders, see `sdrt.sdxl_prompts`; a prompt of at most 75 tokens without emphasis is
+encoded as diffusers' SDXL pipelines encode it.
 """
 from __future__ import annotations
 
@@ -20,27 +20,28 @@ import torch
 
 from sdrt.components import Components
 from sdrt.errors import InvalidInputError
-from sdrt.pipeline import GenerationResult, Pipeline, _check_tensor, _text_list
+from sdrt.pipeline import GenerationResult, Pipeline, _check_path, _check_tensor, _text_list
+from sdrt.models.clip import CLIPTextModel
 from sdrt.prompt_encoding import PromptOptions, check_prompt_options
 from sdrt.sdxl_components import SDXLComponents
-from sdrt.sdxl_conditioning import ConditionedUNet, SDXLOptions, batched, check_pair, check_score, time_ids
+from sdrt.sdxl_conditioning import SDXLOptions, batched, check_pair, check_score, time_ids
 from sdrt.sdxl_handoff import check_fraction, handoff_range
+from sdrt.sdxl_prompts import SDXLEncoder, encode_sdxl_pair
+from sdrt.textual_inversion import load_sdxl_textual_inversion
 
-SDXL_BACKENDS = ("torch", "onnxruntime")
+SDXL_BACKENDS = ("torch", "triton", "onnxruntime")
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.3, 0.9999
 
 # the SDXL arguments of the call in progress (a ContextVar: concurrent calls in threads each see their own)
 _OPTIONS: ContextVar[SDXLOptions] = ContextVar("sdxl_options")
 
 
-def pipeline_class(components: Components, backend: str, cuda_graphs: bool) -> type:
+def pipeline_class(components: Components, backend: str) -> type:
     """The pipeline class for these components; SDXL's refuses what it does not support yet."""
     if not isinstance(components, SDXLComponents):
         return Pipeline
     if backend not in SDXL_BACKENDS:
         raise InvalidInputError(f"SDXL runs on the {', '.join(SDXL_BACKENDS)} backend so far, got backend={backend!r}")
-    if cuda_graphs:
-        raise InvalidInputError("cuda_graphs=True is not supported for SDXL yet; pass cuda_graphs=False")
     return SDXLPipeline
 
 
@@ -54,6 +55,7 @@ class SDXLPipeline(Pipeline):
         self.tokenizer_2, self.text_encoder_2 = components.tokenizer_2, components.text_encoder_2
         self.force_zeros_for_empty_prompt = components.force_zeros_for_empty_prompt
         self.requires_aesthetics_score = components.requires_aesthetics_score
+        self.embedding_tokens_2: dict[str, list[int]] = {}  # textual inversion: token -> its ids in encoder 2
 
     def __call__(self, prompt=None, negative_prompt=None, *, original_size: Optional[tuple] = None,
                  crops_coords_top_left: tuple = (0, 0), target_size: Optional[tuple] = None,
@@ -101,13 +103,14 @@ class SDXLPipeline(Pipeline):
         finally:
             _OPTIONS.reset(token)
 
+    def _encoders(self) -> list[SDXLEncoder]:
+        first = [] if self.text_encoder is None else [SDXLEncoder(self.text_encoder, self.tokenizer,
+                                                                   self.embedding_tokens)]
+        return first + [SDXLEncoder(self.text_encoder_2, self.tokenizer_2, self.embedding_tokens_2)]
+
     def _encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (context [B, 77, D1 + D2]: both encoders' penultimate states, text_embeds [B, projection_dim])."""
-        states = []
-        if self.text_encoder is not None:
-            states.append(self.text_encoder.penultimate(self.tokenizer(texts).to(self.device))[0])
-        penultimate, text_embeds = self.text_encoder_2.sdxl_states(self.tokenizer_2(texts).to(self.device))
-        return torch.cat(states + [penultimate], dim=-1), text_embeds
+        """-> (context [B, 77k, D1 + D2]: both encoders' penultimate states, text_embeds [B, projection_dim])."""
+        return encode_sdxl_pair(self._encoders(), texts, None, PromptOptions(), self.device)[0]
 
     def default_strength(self, inpainting: bool) -> float:
         return INPAINT_STRENGTH if inpainting else IMG2IMG_STRENGTH
@@ -123,20 +126,44 @@ class SDXLPipeline(Pipeline):
         schedule, start = handoff_range(sched, schedule, start, options.denoising_start, options.denoising_end)
         return schedule, start, options.denoising_start is None
 
-    def load_textual_inversion(self, path, token=None) -> str:
-        raise InvalidInputError("textual inversion is not supported for SDXL models yet")
+    def load_textual_inversion(self, path, token: Optional[str] = None) -> str:
+        """Load an SDXL embedding file (clip_l + clip_g vectors; see `sdrt.textual_inversion`) into both text
+        encoders (the refiner: clip_g into its one) so prompts can use its token; returns the token (default:
+        the file's stem). Torch backend only."""
+        _check_path("path", path)
+        encoders = [("clip_l", self.text_encoder, self.embedding_tokens)] if self.text_encoder is not None else []
+        encoders.append(("clip_g", self.text_encoder_2, self.embedding_tokens_2))
+        return load_sdxl_textual_inversion(encoders, path, token, self.backend)
 
     def _prompt_options(self, clip_skip, prompt_chunking, emphasis) -> PromptOptions:
-        """SDXL encodes prompts as diffusers does (see the module docstring); clip_skip is not supported yet."""
-        if clip_skip not in (None, 0):
-            raise InvalidInputError(f"clip_skip is not supported for SDXL models yet, got {clip_skip!r}")
-        return check_prompt_options(prompt_chunking, emphasis, None, 1)
+        encoders = [e.text_encoder for e in self._encoders()]
+        modules = all(isinstance(e, CLIPTextModel) for e in encoders)
+        if clip_skip not in (None, 0) and not modules:
+            raise InvalidInputError(f"clip_skip needs the torch backend (the {self.backend} backend's text encoders "
+                                    f"return only SDXL's penultimate layer)")
+        layers = min(e.config.num_hidden_layers for e in encoders) if modules else 1
+        return check_prompt_options(prompt_chunking, emphasis, clip_skip, layers)
 
     def _conditioning(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_prompts: int,
-                      num_images: int, cfg: bool, options: PromptOptions, size: tuple[int, int], image_mode: bool):
+                      num_images: int, cfg: bool, prompt_options: PromptOptions, size: tuple[int, int],
+                      image_mode: bool):
         options = _OPTIONS.get()
-        if prompt_embeds is None:
-            cond, pooled = self._encode_text(_text_list("prompt", prompt))
+        texts = _text_list("prompt", prompt) if prompt_embeds is None else None
+        zero_negatives = cfg and negative_prompt_embeds is None and negative_prompt is None \
+            and self.force_zeros_for_empty_prompt
+        negatives = None
+        if cfg and negative_prompt_embeds is None and not zero_negatives:
+            negatives = [""] * n_prompts if negative_prompt is None else _text_list("negative_prompt", negative_prompt)
+            if len(negatives) == 1 and n_prompts > 1:
+                negatives = negatives * n_prompts
+            if len(negatives) != n_prompts:
+                raise InvalidInputError(f"negative_prompt must be one string or one per prompt ({n_prompts}), "
+                                        f"got {len(negatives)}")
+        min_chunks = 1 if prompt_embeds is None else max(1, prompt_embeds.shape[1] // self.tokenizer_2.model_max_length)
+        encoded, encoded_negatives = encode_sdxl_pair(self._encoders(), texts, negatives, prompt_options, self.device,
+                                                      min_chunks)
+        if encoded is not None:
+            cond, pooled = encoded
         else:
             cond, pooled = prompt_embeds, self._given_pooled("pooled_prompt_embeds", options.pooled_prompt_embeds,
                                                              n_prompts)
@@ -145,14 +172,14 @@ class SDXLPipeline(Pipeline):
         rows = [(cond, pooled, ids_row)]
         if cfg:
             neg_row = torch.tensor([neg_ids], dtype=self.dtype, device=self.device).expand(n_prompts, -1)
-            uncond, neg_pooled = self._negatives(negative_prompt, negative_prompt_embeds, options, cond, pooled,
+            uncond, neg_pooled = self._negatives(negative_prompt_embeds, encoded_negatives, options, cond, pooled,
                                                  n_prompts)
             rows.insert(0, (uncond, neg_pooled, neg_row))
         context, text_embeds, added_ids = (batched([r[i].to(self.device, self.dtype) for r in rows], num_images)
                                            for i in range(3))
-        return context, ConditionedUNet(self.unet, text_embeds, added_ids)
+        return context, {"text_embeds": text_embeds, "time_ids": added_ids}
 
-    def _negatives(self, negative_prompt, negative_prompt_embeds, options: SDXLOptions, cond: torch.Tensor,
+    def _negatives(self, negative_prompt_embeds, encoded_negatives, options: SDXLOptions, cond: torch.Tensor,
                    pooled: torch.Tensor, n_prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
         if negative_prompt_embeds is not None:
             if negative_prompt_embeds.shape != cond.shape:
@@ -160,15 +187,9 @@ class SDXLPipeline(Pipeline):
                                         f"{list(cond.shape)}")
             return negative_prompt_embeds, self._given_pooled("negative_pooled_prompt_embeds",
                                                               options.negative_pooled_prompt_embeds, n_prompts)
-        if negative_prompt is None and self.force_zeros_for_empty_prompt:
+        if encoded_negatives is None:  # force_zeros_for_empty_prompt without a negative prompt
             return torch.zeros_like(cond), torch.zeros_like(pooled)
-        negatives = [""] * n_prompts if negative_prompt is None else _text_list("negative_prompt", negative_prompt)
-        if len(negatives) == 1 and n_prompts > 1:
-            negatives = negatives * n_prompts
-        if len(negatives) != n_prompts:
-            raise InvalidInputError(f"negative_prompt must be one string or one per prompt ({n_prompts}), "
-                                    f"got {len(negatives)}")
-        uncond, neg_pooled = self._encode_text(negatives)
+        uncond, neg_pooled = encoded_negatives
         if uncond.shape[1:] != cond.shape[1:]:
             raise InvalidInputError(f"prompt_embeds have shape {list(cond.shape[1:])} per prompt but the negative "
                                     f"prompt encodes to {list(uncond.shape[1:])}: pass negative_prompt_embeds")

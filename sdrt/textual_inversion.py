@@ -4,6 +4,8 @@ Formats (what is in the file decides, not its name):
 - AUTOMATIC1111 `.pt` / `.bin`: a pickle {"string_to_param": {"*": [n, D]}, "name": ..., ...}
 - a single tensor under one key: diffusers' `learned_embeds.bin` / `.safetensors` ({token: [D] or [n, D]}),
   kohya's and A1111's `.safetensors` ({"emb_params": [n, D]})
+- SDXL (A1111, kohya): {"clip_l": [n, 768], "clip_g": [n, 1280]}, the vectors of each text encoder; the token is
+  the file's stem
 Pickles are read with `torch.load(weights_only=True)` only: tensors, dicts, lists, numbers and strings.
 
 The token a prompt uses: `token=` if given; else a diffusers file's key; else (A1111, kohya) the file's stem,
@@ -32,8 +34,31 @@ PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
 _GENERIC_KEYS = ("emb_params", "*")  # single-key files whose key is not a token anyone types
 
 
+SDXL_KEYS = ("clip_l", "clip_g")  # SDXL embeddings: vectors for the first (CLIP ViT-L) and second (bigG) encoder
+
+
 def read_embedding(path: Union[str, Path]) -> tuple[Optional[str], torch.Tensor]:
-    """(the token the file names or None, vectors [n, D] float32) of an embedding file."""
+    """(the token the file names or None, vectors [n, D] float32) of a one-encoder embedding file."""
+    token, vectors = read_embedding_file(path)
+    if set(vectors) != {""}:
+        raise InvalidInputError(f"{path}: an SDXL embedding (clip_l + clip_g); this model has one text encoder")
+    return token, vectors[""]
+
+
+def read_sdxl_embedding(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """{"clip_l": [n, D1], "clip_g": [n, D2]} float32 of an SDXL embedding file (one n for both)."""
+    _, vectors = read_embedding_file(path)
+    if set(vectors) != set(SDXL_KEYS):
+        raise InvalidInputError(f"{path}: an embedding for a one-encoder model (SD 1.x/2.x); SDXL embeddings hold "
+                                f"clip_l and clip_g vectors")
+    if vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
+        raise InvalidInputError(f"{path}: clip_l holds {vectors['clip_l'].shape[0]} vectors but clip_g "
+                                f"{vectors['clip_g'].shape[0]}; they must be as many")
+    return vectors
+
+
+def read_embedding_file(path: Union[str, Path]) -> tuple[Optional[str], dict[str, torch.Tensor]]:
+    """(the token the file names or None, {"": [n, D]} or SDXL's {"clip_l": ..., "clip_g": ...}, float32)."""
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(f"textual inversion {str(path)!r}: no such file")
@@ -42,24 +67,31 @@ def read_embedding(path: Union[str, Path]) -> tuple[Optional[str], torch.Tensor]
         params = data["string_to_param"]
         if len(params) != 1:
             raise InvalidInputError(f"{path}: string_to_param holds {len(params)} embeddings, expected one")
-        token, vectors = None, next(iter(params.values()))
-    elif isinstance(data, dict) and {"clip_l", "clip_g"} <= set(data):
-        raise InvalidInputError(f"{path}: an SDXL embedding (clip_l + clip_g); this model has one text encoder")
+        token, vectors = None, {"": next(iter(params.values()))}
+    elif isinstance(data, dict) and set(SDXL_KEYS) <= set(data):
+        token, vectors = None, {key: data[key] for key in SDXL_KEYS}
     elif isinstance(data, dict) and len(data) == 1:  # diffusers, kohya
-        key, vectors = next(iter(data.items()))
-        token = None if key in _GENERIC_KEYS else str(key)
+        key, tensor = next(iter(data.items()))
+        token, vectors = None if key in _GENERIC_KEYS else str(key), {"": tensor}
     else:
         keys = list(data)[:8] if isinstance(data, dict) else type(data).__name__
-        raise InvalidInputError(f"{path}: not a textual-inversion embedding (expected string_to_param or one "
-                                f"tensor under one key, got {keys})")
+        raise InvalidInputError(f"{path}: not a textual-inversion embedding (expected string_to_param, clip_l + "
+                                f"clip_g, or one tensor under one key, got {keys})")
+    return token, {key: _checked_vectors(path, key, tensor) for key, tensor in vectors.items()}
+
+
+def _checked_vectors(path: Path, key: str, vectors) -> torch.Tensor:
+    where = f"{path}{f' {key}' if key else ''}"
     if not torch.is_tensor(vectors) or vectors.dim() not in (1, 2) or not vectors.is_floating_point() \
             or 0 in vectors.shape:
         got = list(vectors.shape) if torch.is_tensor(vectors) else type(vectors).__name__
-        raise InvalidInputError(f"{path}: the embedding must be a float tensor [D] or [n, D], got {got}")
+        raise InvalidInputError(f"{where}: the embedding must be a float tensor [D] or [n, D], got {got}")
     vectors = vectors.detach().float().reshape(-1, vectors.shape[-1])
     if not torch.isfinite(vectors).all():
-        raise InvalidInputError(f"{path}: the embedding holds NaN or inf")
-    return token, vectors
+        raise InvalidInputError(f"{where}: the embedding holds NaN or inf")
+    if vectors.shape[0] > CHUNK_TOKENS:
+        raise InvalidInputError(f"{where}: {vectors.shape[0]} vectors; a 75-token chunk holds at most {CHUNK_TOKENS}")
+    return vectors
 
 
 def _load(path: Path):
@@ -94,22 +126,56 @@ def add_embedding(text_encoder: CLIPTextModel, vectors: torch.Tensor) -> list[in
 def load_textual_inversion(text_encoder, tokens: dict[str, list[int]], path: Union[str, Path],
                            token: Optional[str] = None, backend: str = "torch") -> str:
     """Read `path`, add its vectors to `text_encoder` and `tokens` ({token: ids}); returns the token."""
-    if token is not None and (not isinstance(token, str) or not token.strip() or token != token.strip()):
-        raise InvalidInputError(f"token must be None or a non-empty string without surrounding spaces, got {token!r}")
-    if not isinstance(text_encoder, CLIPTextModel):
-        raise InvalidInputError(f"load_textual_inversion needs the torch backend (the {backend} backend's text "
-                                f"encoder was exported with its token table)")
+    _check_token(token)
+    _check_torch(text_encoder, backend)
     path = Path(path)
     named, vectors = read_embedding(path)
     token = token or named or path.stem
-    width = text_encoder.config.hidden_size
-    if vectors.shape[1] != width:
-        raise InvalidInputError(f"{path}: the embedding is {vectors.shape[1]} wide but this model's text encoder "
-                                f"takes {width} (an embedding made for another model family?)")
-    if vectors.shape[0] > CHUNK_TOKENS:
-        raise InvalidInputError(f"{path}: {vectors.shape[0]} vectors; a 75-token chunk holds at most {CHUNK_TOKENS}")
-    if token in tokens:
-        raise InvalidInputError(f"textual inversion token {token!r} is already loaded; pass token= to name this one")
+    _check_new(token, tokens)
+    _check_width(path, "", vectors, text_encoder)
     tokens[token] = add_embedding(text_encoder, vectors)
     log.info("textual inversion %s: token %r, %d vector(s)", path, token, vectors.shape[0])
     return token
+
+
+def load_sdxl_textual_inversion(encoders: list[tuple[str, object, dict[str, list[int]]]], path: Union[str, Path],
+                                token: Optional[str] = None, backend: str = "torch") -> str:
+    """An SDXL embedding file into each (key, text encoder, tokens) of `encoders` ("clip_l" for the first
+    encoder, "clip_g" for the second; a refiner has only the second); returns the token (default: the stem)."""
+    _check_token(token)
+    for _, text_encoder, _ in encoders:
+        _check_torch(text_encoder, backend)
+    path = Path(path)
+    vectors = read_sdxl_embedding(path)
+    token = token or path.stem
+    for key, text_encoder, tokens in encoders:
+        _check_new(token, tokens)
+        _check_width(path, key, vectors[key], text_encoder)
+    for key, text_encoder, tokens in encoders:
+        tokens[token] = add_embedding(text_encoder, vectors[key])
+    log.info("textual inversion %s: token %r, %d vector(s) per encoder", path, token, vectors["clip_g"].shape[0])
+    return token
+
+
+def _check_token(token) -> None:
+    if token is not None and (not isinstance(token, str) or not token.strip() or token != token.strip()):
+        raise InvalidInputError(f"token must be None or a non-empty string without surrounding spaces, got {token!r}")
+
+
+def _check_torch(text_encoder, backend: str) -> None:
+    if not isinstance(text_encoder, CLIPTextModel):
+        raise InvalidInputError(f"load_textual_inversion needs the torch backend (the {backend} backend's text "
+                                f"encoder was exported with its token table)")
+
+
+def _check_new(token: str, tokens: dict) -> None:
+    if token in tokens:
+        raise InvalidInputError(f"textual inversion token {token!r} is already loaded; pass token= to name this one")
+
+
+def _check_width(path: Path, key: str, vectors: torch.Tensor, text_encoder: CLIPTextModel) -> None:
+    width = text_encoder.config.hidden_size
+    if vectors.shape[1] != width:
+        raise InvalidInputError(f"{path}{f' {key}' if key else ''}: the embedding is {vectors.shape[1]} wide but "
+                                f"this model's text encoder{f' for {key}' if key else ''} takes {width} (an embedding "
+                                f"made for another model family?)")

@@ -5,9 +5,22 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Mapping, Optional
 
-SDRT = [shutil.which("sdrt") or sys.executable, *([] if shutil.which("sdrt") else ["-m", "sdrt.cli"])]
+
+
+def _entry_point() -> list[str]:
+    """The `sdrt` script installed beside this interpreter (a venv's own, not another one earlier on PATH),
+    else the one on PATH, else `python -m sdrt.cli`."""
+    beside = Path(sys.executable).with_name("sdrt")
+    if beside.is_file():
+        return [str(beside)]
+    found = shutil.which("sdrt")
+    return [found] if found else [sys.executable, "-m", "sdrt.cli"]
+
+
+SDRT = _entry_point()
 
 
 def sdrt(*args, cwd=None, env: Optional[Mapping[str, str]] = None) -> subprocess.CompletedProcess:

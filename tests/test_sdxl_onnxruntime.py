@@ -76,11 +76,21 @@ def test_refiner_img2img_matches_torch_backend(models):
     assert np.abs(got.images - ref.images).max() <= IMAGE_TOL
 
 
-@pytest.mark.parametrize("backend", ["triton", "tensorrt"])
-def test_backends_without_sdxl_refuse_in_one_line(models, backend):
-    with pytest.raises(InvalidInputError, match=f"SDXL runs on the torch, onnxruntime backend so far, "
-                                                f"got backend='{backend}'"):
-        sdrt.load(models["base"][2], backend=backend)
+def test_a_two_chunk_weighted_prompt_matches_torch_backend(models):
+    torch_pipe, ort_pipe, _ = models["base"]
+    prompt = "a (red:1.3) cube, " * 30  # 120 tokens: two chunks through both exported encoders
+    assert torch_pipe._encode_text([prompt])[0].shape[1] == 2 * 77
+    kwargs = dict(prompt=prompt, negative_prompt="[blurry]", guidance_scale=5.0, steps=3, seed=4, output="np")
+    ref, got = torch_pipe(**kwargs), ort_pipe(**kwargs)
+    assert np.abs(got.images - ref.images).max() <= IMAGE_TOL
+    with pytest.raises(InvalidInputError, match="clip_skip needs the torch backend"):
+        ort_pipe("a cube", steps=1, clip_skip=1)
+
+
+def test_tensorrt_refuses_sdxl_in_one_line(models):
+    with pytest.raises(InvalidInputError, match="SDXL runs on the torch, triton, onnxruntime backend so far, "
+                                                "got backend='tensorrt'"):
+        sdrt.load(models["base"][2], backend="tensorrt")
 
 
 @pytest.mark.parametrize("name", ["base", "refiner"])

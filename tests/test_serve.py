@@ -124,6 +124,42 @@ def test_an_sdxl_model_is_served_with_the_pipelines_pictures(sdxl_folder):
     assert np.array_equal(_png(edited["images"][0]), np.asarray(again.convert("RGB")))
 
 
+def test_a_lora_tag_is_served_as_the_pipeline_loads_it(tmp_path):
+    """<lora:NAME:W> against the server's --lora-dir: the picture equals the pipeline's own with load_lora at
+    that scale, the next request without the tag equals the plain model's, and the parameters carry A1111's
+    `Lora hashes` (in info and in the PNG)."""
+    import diffusers
+    import sdrt
+    from lora_files import write_kohya
+    from sdrt.components import BUNDLED_MODEL
+    from sdrt.file_hashes import short_hash
+    from sdrt.serve.runner import batch_invariant_kernels
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    tiny = sdrt.load(BUNDLED_MODEL, device="cpu")
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(str(BUNDLED_MODEL), safety_checker=None)
+    write_kohya(folder / "style.safetensors", reference, seed=3, rank=2)
+    same = {"seed": 5, "steps": 2, "cfg_scale": 7.0}
+    with ServerProcess(["--lora-dir", str(folder), "--max-batch", "2"]) as server:
+        assert httpx.get(f"{server.url}/sdapi/v1/loras").json() == [{"name": "style", "alias": "style"}]
+        tagged = _txt2img(server, prompt=PROMPT + " <lora:style:0.7>", **same).json()
+        plain = _txt2img(server, **same).json()
+    info = json.loads(tagged["info"])
+    hashes = f'Lora hashes: "style: {short_hash(folder / "style.safetensors")}"'
+    assert info["prompt"] == PROMPT + " <lora:style:0.7>" and hashes in info["infotexts"][0]
+    png = PIL.Image.open(io.BytesIO(base64.b64decode(tagged["images"][0])))
+    assert hashes in png.info["parameters"] and "Lora hashes" not in json.loads(plain["info"])["infotexts"][0]
+    kwargs = dict(steps=2, seed=5, guidance_scale=7.0, scheduler="euler_a", negative_prompt="")
+    with batch_invariant_kernels(tiny.device):
+        tiny.load_lora(folder / "style.safetensors", scale=0.7)
+        with_lora = np.asarray(tiny(PROMPT + " ", **kwargs).images[0].convert("RGB"))
+        tiny.unload_lora()
+        without = np.asarray(tiny(PROMPT, **kwargs).images[0].convert("RGB"))
+    assert np.array_equal(_png(tagged["images"][0]), with_lora)
+    assert np.array_equal(_png(plain["images"][0]), without)
+    assert not np.array_equal(with_lora, without)
+
+
 # ------------------------------------------------------------------------------------------ AUTOMATIC1111
 def test_webuiapi_txt2img_answers_as_automatic1111(server):
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler a", steps=2)

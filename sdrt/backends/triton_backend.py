@@ -10,12 +10,17 @@ output is checked for inf/NaN (one reduction and one host sync per decode, after
 overflow the decode reruns in fp32 on a copy of the VAE made on first need, and a warning says so.
 bf16 has fp32's range and needs no fallback, but is checked the same way.
 
+SDXL: the same wrappers on both text encoders (each reading graphed per batch size: the first encoder's
+`penultimate`, the second's `sdxl_states`) and on the U-Net, whose added inputs (text_embeds, time_ids)
+pass through to the reference module's "text_time" embedding; the refiner has no first encoder.
+
 Without CUDA the kernels run only in Triton's interpreter (TRITON_INTERPRET=1 set before the first
 kernel import), which is slow but lets tests run this backend on tiny models on a CPU.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from typing import Optional, Union
@@ -45,27 +50,38 @@ def _kernels():
 
 
 class TritonUNet:
-    """unet(sample, timestep, context) with the Triton kernels on channels-last activations."""
+    """unet(sample, timestep, context, **added) with the Triton kernels on channels-last activations;
+    added: SDXL's text_embeds and time_ids."""
 
     def __init__(self, module: torch.nn.Module, kernels):
         self.module, self.kernels, self.config = module, kernels, module.config
 
     def __call__(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int],
-                 context: torch.Tensor) -> torch.Tensor:
+                 context: torch.Tensor, **added: torch.Tensor) -> torch.Tensor:
         with use_kernels(self.kernels):
-            out = self.module(sample.contiguous(memory_format=torch.channels_last), timestep, context)
+            out = self.module(sample.contiguous(memory_format=torch.channels_last), timestep, context, **added)
         return out.contiguous()
 
 
 class TritonTextEncoder:
-    """text_encoder(input_ids); on CUDA one graph per batch size."""
+    """text_encoder(input_ids), and SDXL's readings `penultimate` / `sdxl_states` where the module has them;
+    on CUDA one graph per reading and batch size."""
 
     def __init__(self, module: torch.nn.Module, graphs: Optional[GraphCache]):
         self.module, self.config = module, module.config
-        self._run = self.module if graphs is None else ShapeGraphs(self.module, graphs, name="text_encoder")
+        self._run, self._penultimate, self._sdxl_states = (
+            fn if graphs is None else ShapeGraphs(fn, graphs, name=f"text_encoder.{name}")
+            for name, fn in (("forward", module), ("penultimate", getattr(module, "penultimate", None)),
+                             ("sdxl_states", getattr(module, "sdxl_states", None))))
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._run(input_ids)
+
+    def penultimate(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._penultimate(input_ids)
+
+    def sdxl_states(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._sdxl_states(input_ids)
 
 
 class TritonVAE:
@@ -124,12 +140,13 @@ def prepare_triton(components: Components, device: torch.device, dtype: torch.dt
         component_graphs = device.type == "cuda"
     if component_graphs and device.type != "cuda":
         raise InvalidInputError("component_graphs=True needs a CUDA device")
-    for module in (components.text_encoder, components.unet, components.vae):
+    for module in components.modules():  # SDXL's: both text encoders (the refiner has only the second)
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     for module in (components.unet, components.vae):
         module.to(memory_format=torch.channels_last)
     graphs = (lambda: GraphCache.for_device(device, COMPONENT_GRAPHS, COMPONENT_GRAPH_MEMORY)) if component_graphs else (lambda: None)
     log.info("triton backend on %s/%s (component graphs %s)", device, dtype, "on" if component_graphs else "off")
-    return Components(components.tokenizer, TritonTextEncoder(components.text_encoder, graphs()),
-                      TritonUNet(components.unet, kernels), TritonVAE(components.vae, kernels, graphs()),
-                      components.scheduler_config, components.source)
+    text_encoders = {name: TritonTextEncoder(getattr(components, name), graphs())
+                     for name in ("text_encoder", "text_encoder_2") if getattr(components, name, None) is not None}
+    return dataclasses.replace(components, **text_encoders, unet=TritonUNet(components.unet, kernels),
+                               vae=TritonVAE(components.vae, kernels, graphs()))

@@ -11,7 +11,7 @@ HELP = "compare a backend with the float32 torch reference: per-component errors
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="diffusers folder or .safetensors checkpoint, or random:tiny|random:sd15|random:sd21 "
+                   help="diffusers folder or .safetensors checkpoint, or random:tiny|sd15|sd21|tiny-sdxl|sdxl "
                         "(random weights built in memory; default: the bundled tiny model)")
     p.add_argument("--backend", default="torch", help="torch, triton, onnxruntime or tensorrt (default torch)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on cuda)")

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from sdrt import __version__
-from sdrt.cli import adapters
+from sdrt.cli import adapters, control_args
 from sdrt.checks import (DEFAULT_STRENGTH, LIMIT_VARIABLES, MAX_SIZE, PREDICTION_TYPES, Limits, check_file_name,
                          check_guidance, check_image_count, check_pixels, check_positive_int, check_size, check_steps,
                          check_strength, check_text)
@@ -90,6 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on cuda)")
     adapters.add_arguments(p, _arg_type)
+    control_args.add_arguments(p, _arg_type)
     p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
                    help="override the model's prediction type (default: the model's; an SD 2.x single file that "
                         "does not say is assumed v_prediction, 768x768)")
@@ -136,8 +137,10 @@ def run(args: argparse.Namespace) -> int:
     paths = output_paths(args.output, args.num)
     if args.mask is not None and args.image is None:
         raise InvalidInputError("--mask needs --image (the image to inpaint)")
+    control_args.check(args)
     image = None if args.image is None else _open_image(args.image, "image", limits)
     mask = None if args.mask is None else _open_image(args.mask, "mask", limits)
+    control = control_args.call_arguments(args, lambda path, name: _open_image(path, name, limits))
     width, height = args.size if args.size is not None else (None, None)
 
     import sdrt  # torch from here on
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = sdrt.load(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                      prediction_type=args.prediction_type, limits=limits, lora_dirs=args.lora_dir or None,
-                     vae=args.vae)
+                     controlnet=control_args.controlnet_argument(args), vae=args.vae)
     tokens = adapters.load_adapters(pipe, args)
     with tqdm(total=None, unit="step", disable=not sys.stderr.isatty(), leave=False) as bar:
         def progress(done: int, total: int) -> None:
@@ -159,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
 
         result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
                       scheduler=args.scheduler, eta=args.eta, height=height, width=width, num_images=args.num,
-                      seed=args.seed, image=image, strength=args.strength, mask=mask, progress=progress)
+                      seed=args.seed, image=image, strength=args.strength, mask=mask, progress=progress, **control)
 
     from sdrt.png import save_png
     out_height, out_width = result.images[0].height, result.images[0].width
@@ -172,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
             "sdrt": __version__,
         }
         parameters.update(adapters.adapter_parameters(pipe, args, tokens))
+        parameters.update(control_args.control_parameters(args, pipe.control_scale_defaults))
         if args.prediction_type is not None:
             parameters.update(prediction_type=args.prediction_type)
         if args.vae is not None:

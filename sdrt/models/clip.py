@@ -145,11 +145,19 @@ class CLIPTextModel(nn.Module):
                                     f"{self.config.max_position_embeddings}, got {tuple(input_ids.shape)}")
         return input_ids
 
-    def penultimate(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """SDXL's reading: (the second-to-last layer's output, no final norm [B, L, D]; the last hidden state)."""
+    def penultimate(self, input_ids: torch.Tensor, clip_skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's reading: (the second-to-last layer's output, no final norm [B, L, D]; the last hidden state).
+        clip_skip=N reads the output 1 + N layers before the last instead (diffusers' SDXL clip_skip)."""
         model = self.text_model
-        penultimate = model.encoder(model.embeddings(self._checked(input_ids)), clip_skip=1)
-        return penultimate, model.final_layer_norm(model.encoder.layers[-1](penultimate))
+        layers = model.encoder.layers
+        if not 0 <= clip_skip < len(layers):
+            raise InvalidInputError(f"clip_skip must be in [0, {len(layers) - 1}], got {clip_skip}")
+        x = model.embeddings(self._checked(input_ids))
+        for i, layer in enumerate(layers):
+            if i == len(layers) - 1 - clip_skip:
+                states = x
+            x = layer(x)
+        return states, model.final_layer_norm(x)
 
     def pooled(self, last_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The last hidden state at each sequence's end-of-text token -> [B, D] (transformers' pooler_output)."""
@@ -169,9 +177,9 @@ class CLIPTextModelWithProjection(CLIPTextModel):
         """-> [B, projection_dim]: transformers' CLIPTextModelWithProjection(...).text_embeds."""
         return self.text_projection(self.pooled(last_hidden, input_ids))
 
-    def sdxl_states(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sdxl_states(self, input_ids: torch.Tensor, clip_skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """SDXL's two readings: (penultimate hidden states [B, L, D], text_embeds [B, projection_dim])."""
-        penultimate, last = self.penultimate(input_ids)
+        penultimate, last = self.penultimate(input_ids, clip_skip)
         return penultimate, self.text_embeds(last, input_ids)
 
 

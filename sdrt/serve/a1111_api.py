@@ -275,18 +275,19 @@ def _mask(mask: PIL.Image.Image, invert: bool) -> PIL.Image.Image:
     return PIL.ImageOps.invert(mask) if invert else mask
 
 
-def infotext(t: Translated, seed: int, model_name: str) -> str:
-    """AUTOMATIC1111's per-image parameters text (also written into each PNG)."""
+def infotext(t: Translated, seed: int, model_name: str, lora_hashes: str = "") -> str:
+    """AUTOMATIC1111's per-image parameters text (also written into each PNG); lora_hashes: the value of its
+    `Lora hashes` entry for the prompt's <lora:...> tags (`LoraLibrary.hash_list`)."""
     job = t.job
     negative = f"\nNegative prompt: {job.negative_prompt}" if job.negative_prompt else ""
     params = {"Steps": job.steps, "Sampler": t.sampler, "CFG scale": job.guidance_scale, "Seed": seed,
               "Size": f"{job.width}x{job.height}", "Model": model_name, "Denoising strength": job.strength,
-              "Version": f"sdrt {__version__}"}
+              "Lora hashes": f'"{lora_hashes}"' if lora_hashes else None, "Version": f"sdrt {__version__}"}
     listed = ", ".join(f"{k}: {v}" for k, v in params.items() if v is not None)
     return f"{t.prompt}{negative}\n{listed}"
 
 
-def info_json(t: Translated, req: _Generation, model_name: str, inpainting_model: bool) -> str:
+def info_json(t: Translated, req: _Generation, model_name: str, inpainting_model: bool, lora_hashes: str = "") -> str:
     job, n = t.job, t.job.num_images
     return json.dumps({
         "prompt": t.prompt, "all_prompts": [t.prompt] * n,
@@ -298,7 +299,7 @@ def info_json(t: Translated, req: _Generation, model_name: str, inpainting_model
         "sd_model_name": model_name, "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": job.strength,
         "extra_generation_params": {}, "index_of_first_image": 0,
-        "infotexts": [infotext(t, seed, model_name) for seed in job.seeds], "styles": [],
+        "infotexts": [infotext(t, seed, model_name, lora_hashes) for seed in job.seeds], "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
         "is_using_inpainting_conditioning": inpainting_model and job.mode == "inpaint",
     })

@@ -103,11 +103,12 @@ def create_app(service: GenerationService, settings: ServeSettings,
 
     async def a1111_answer(request: Request, body: a1111._Generation, translated: a1111.Translated) -> dict:
         images = await generate(request, translated.job)
-        texts = [a1111.infotext(translated, seed, model.name) for seed in translated.job.seeds]
+        hashes = await asyncio.to_thread(model.loras.hash_list, translated.job.loras)
+        texts = [a1111.infotext(translated, seed, model.name, hashes) for seed in translated.job.seeds]
         encoded = await asyncio.to_thread(lambda: [encode_png_base64(i, t) for i, t in zip(images, texts)]) \
             if body.send_images is not False else []
         return {"images": encoded, "parameters": a1111.echoed_parameters(body),
-                "info": a1111.info_json(translated, body, model.name, model.inpainting)}
+                "info": a1111.info_json(translated, body, model.name, model.inpainting, hashes)}
 
     @app.post("/sdapi/v1/txt2img", response_model=a1111.GenerationResponse)
     async def txt2img(body: a1111.Txt2ImgRequest, request: Request):

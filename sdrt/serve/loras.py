@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from sdrt.errors import InvalidInputError
+from sdrt.file_hashes import a1111_hash_list, short_hash
 from sdrt.lora.folders import LoraFolders
 from sdrt.lora.prompt_loras import sync_loras
 from sdrt.lora.tags import parse_lora_tags
@@ -32,6 +33,20 @@ class LoraLibrary:
         self.folder, self.available = folder, available
         found = {} if folder is None else LoraFolders([folder], (LORA_SUFFIX,), what="--lora-dir").files
         self.files: Mapping[str, Path] = found
+        self._hashes: dict[tuple[Path, int, int], str] = {}  # (file, size, mtime) -> A1111 short hash
+
+    def hash_list(self, loras: tuple[tuple[str, float], ...]) -> str:
+        """The value of A1111's `Lora hashes` for these LoRAs ('name: 0123456789ab, ...'); '' for none. Each
+        file is hashed once per version (size and mtime)."""
+        hashes = {}
+        for name, _ in loras:
+            path = self.files[name]
+            stat = path.stat()
+            key = (path, stat.st_size, stat.st_mtime_ns)
+            if key not in self._hashes:
+                self._hashes[key] = short_hash(path)
+            hashes[name] = self._hashes[key]
+        return a1111_hash_list(hashes)
 
     def check(self, loras: tuple[tuple[str, float], ...]) -> None:
         """Raise InvalidInputError unless every named LoRA can be served."""
