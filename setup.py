@@ -16,13 +16,14 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "diffusers", "transformers", "accelerate", "matplotlib"],
         "triton": ["triton"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
+        "openvino": ["onnx", "openvino"],
         "gpu": ["onnxruntime-gpu", "tensorrt"],
         "control": ["opencv-python-headless"],  # ControlNet preprocessors (canny)
         "serve": ["fastapi", "uvicorn", "prometheus_client"],
         "ray": ["ray[serve]", "fastapi", "uvicorn", "prometheus_client"],
         # everything the test suite exercises on a CPU-only machine
         "test": ["pytest", "pytest-benchmark", "diffusers", "transformers", "accelerate", "matplotlib",
-                 "triton", "onnx", "onnxruntime", "onnxscript",
+                 "triton", "onnx", "onnxruntime", "onnxscript", "openvino",
                  "fastapi", "uvicorn", "prometheus_client", "httpx", "webuiapi", "openai", "peft",
                  "ray[serve]", "pyyaml", "opencv-python-headless"],
     },

@@ -3,7 +3,7 @@ weights copied in, so a side-by-side benchmark runs identical numbers on both si
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -18,6 +18,19 @@ def _copy_weights(target: torch.nn.Module, source: dict[str, torch.Tensor]) -> N
     want = target.state_dict()
     mapped = {k: source[k] if k in source else source["text_model." + k] for k in want}
     target.load_state_dict(mapped)
+
+
+def diffusers_twin(make: Callable[[], torch.nn.Module], module: torch.nn.Module, device: Any,
+                   dtype: torch.dtype) -> torch.nn.Module:
+    """`make()` (a diffusers/transformers model of `module`'s config) built on meta, given `module`'s weights."""
+    with torch.device("meta"):
+        model = make()
+    model = model.to_empty(device=device)
+    for name, buffer in model.named_buffers():  # to_empty leaves buffers unset: CLIP's position ids
+        if name.endswith("position_ids"):
+            buffer.copy_(torch.arange(buffer.shape[-1], device=device).expand_as(buffer))
+    _copy_weights(model, {k: v.to(device) for k, v in module.state_dict().items()})
+    return model.to(dtype).eval().requires_grad_(False)
 
 
 def diffusers_pipeline(parts: Components, device: Any, dtype: torch.dtype):
@@ -42,16 +55,7 @@ def diffusers_pipeline(parts: Components, device: Any, dtype: torch.dtype):
     if second is not None:
         specs.append((lambda: TCLIPTextModelWithProjection(TCLIPTextConfig(**dataclasses.asdict(second.config))),
                       second))
-    built = []
-    for make, module in specs:
-        with torch.device("meta"):
-            model = make()
-        model = model.to_empty(device=device)
-        for name, buffer in model.named_buffers():  # to_empty leaves buffers unset: CLIP's position ids
-            if name.endswith("position_ids"):
-                buffer.copy_(torch.arange(buffer.shape[-1], device=device).expand_as(buffer))
-        _copy_weights(model, {k: v.to(device) for k, v in module.state_dict().items()})
-        built.append(model.to(dtype).eval().requires_grad_(False))
+    built = [diffusers_twin(make, module, device, dtype) for make, module in specs]
     unet, vae, text_encoder, *text_encoder_2 = built
     scheduler = DDIMScheduler.from_config(parts.scheduler_config)
     if text_encoder_2:

@@ -11,7 +11,8 @@ COLUMNS = (("row", "name", "{}", 26), ("model", "model", "{}", 9), ("batch", "ba
            ("size", "size", "{}", 5), ("steps", "steps", "{}", 5), ("U-Net it/s", "unet_its", "{:.2f}", 10),
            ("p50 s", "latency_p50_s", "{:.3f}", 8), ("p90 s", "latency_p90_s", "{:.3f}", 8),
            ("1st call s", "first_call_s", "{:.1f}", 10), ("peak MB", "peak_memory_mb", "{:.0f}", 8),
-           ("TFLOP/step", "tflop_per_step", "{:.4g}", 10), ("MFU", "mfu", "{:.1%}", 6))
+           ("TFLOP/step", "tflop_per_step", "{:.4g}", 10), ("MFU", "mfu", "{:.1%}", 6),
+           ("vs diffusers", "speedup", "{:.2f}x", 12))
 
 
 def table(result: dict) -> str:

@@ -86,13 +86,16 @@ class OnnxExport:
 
 def export_onnx(components: Components, out_dir: Union[str, Path, None] = None, *,
                 names: Optional[Iterable[str]] = None, opset: int = DEFAULT_OPSET, exporter: str = "torchscript",
-                force: bool = False, external_data_threshold: int = PROTOBUF_LIMIT) -> OnnxExport:
+                force: bool = False, external_data_threshold: int = PROTOBUF_LIMIT,
+                contracts: Optional[dict[str, ExportContract]] = None, digest: Optional[str] = None) -> OnnxExport:
     """Export `names` at the components' dtype (float32 or float16) into `out_dir` (None: the cache folder
     `default_export_dir` names); returns the finished export. names: None = every component of the model
     (SDXL: text_encoder_2 too, see `sdrt.export.sdxl_contracts`). An existing finished export with the same
-    settings and weights is reused unless `force`."""
+    settings and weights is reused unless `force`. contracts: other graphs than the model's own (ControlNet's,
+    `sdrt.export.control_contracts`), with `digest` the weights they hold (default: the model's)."""
     _require_onnx()
-    available = tuple(contracts_for(components))
+    contracts = contracts_for(components) if contracts is None else contracts
+    available = tuple(contracts)
     names = check_component_names(available if names is None else names, available)
     if exporter not in EXPORTERS:
         raise InvalidInputError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
@@ -103,7 +106,7 @@ def export_onnx(components: Components, out_dir: Union[str, Path, None] = None, 
         log.info("the dynamo exporter needs opset 18 or newer; exporting at opset 18")
         opset = 18
     dtype = _components_dtype(components)
-    digest = weights_digest(components)
+    digest = digest or weights_digest(components)
     settings = {"dtype": _dtype_name(dtype), "opset": opset, "exporter": exporter, "weights_sha256": digest}
     out_dir = default_export_dir(components, digest) if out_dir is None else Path(out_dir)
     if not force:
@@ -121,7 +124,7 @@ def export_onnx(components: Components, out_dir: Union[str, Path, None] = None, 
         if existing is not None:
             log.info("reusing the ONNX export in %s", out_dir)
             return existing
-        return _export_staged(components, out_dir, names, settings, force, external_data_threshold)
+        return _export_staged(components, contracts, out_dir, names, settings, force, external_data_threshold)
 
 
 def read_export(directory: Union[str, Path], verify_hashes: bool = True) -> OnnxExport:
@@ -151,11 +154,10 @@ def file_sha256(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------- steps
-def _export_staged(components: Components, out_dir: Path, names: tuple[str, ...], settings: dict, force: bool,
-                   external_data_threshold: int) -> OnnxExport:
+def _export_staged(components: Components, contracts: dict[str, ExportContract], out_dir: Path,
+                   names: tuple[str, ...], settings: dict, force: bool, external_data_threshold: int) -> OnnxExport:
     staging = out_dir.with_name(out_dir.name + ".partial")
     staging.mkdir(parents=True, exist_ok=True)
-    contracts = contracts_for(components)
     entries = {}
     for name in names:
         entry = None if force else _finished_component(staging, name, settings)
@@ -298,7 +300,8 @@ def _check_files(directory: Path, files: dict, verify_hashes: bool, what: str) -
 
 def _is_export_dir(path: Path) -> bool:
     """Only folders that hold nothing but our own files may be replaced."""
-    ours = {MANIFEST} | {f"{n}.onnx" for n in ALL_COMPONENTS} | {f"{n}.onnx.data" for n in ALL_COMPONENTS}
+    names = ALL_COMPONENTS + ("controlnet", "unet_control")  # sdrt.export.control_contracts
+    ours = {MANIFEST} | {f"{n}.onnx" for n in names} | {f"{n}.onnx.data" for n in names}
     return path.is_dir() and all(p.name in ours for p in path.iterdir())
 
 

@@ -13,6 +13,7 @@ Semantics follow diffusers' StableDiffusionControlNet{,Img2Img,Inpaint}Pipeline 
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from sdrt.models.controlnet import ControlNet
 Number = Union[float, int]
 # diffusers' default controlnet_conditioning_scale per mode (StableDiffusionControlNet{,Img2Img,Inpaint}Pipeline)
 DEFAULT_SCALES = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 0.5}
+SDXL_DEFAULT_SCALES = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 1.0}  # StableDiffusionXLControlNet*Pipeline
 
 
 @dataclass(frozen=True)
@@ -144,16 +146,33 @@ class ControlResiduals:
         self.scales = [[scale * (1.0 - float(j / total < s or (j + 1) / total > e))
                         for scale, s, e in zip(request.scales, request.starts, request.ends)] for j in range(total)]
 
-    def __call__(self, x: Tensor, i: int, timestep: Tensor, context: Tensor) -> dict[str, Any]:
-        # x: [B or 2B, 4, h, w] the scaled U-Net input; context: [B or 2B, 77, D]
+    def key(self) -> tuple:
+        """What a captured loop bakes in (`sdrt.graphs.DenoiseKey.control`): which ControlNet objects run, each
+        one's scale at every step (0 = inactive: start/end), guess mode, CFG and the first step. The control
+        images are not in it: a graph takes them as static inputs (`with_images`)."""
+        return (tuple(id(n) for n in self.nets), tuple(map(tuple, self.scales)), self.guess_mode, self.cfg,
+                self.start)
+
+    def with_images(self, images: Sequence[Tensor]) -> "ControlResiduals":
+        """The same residuals from other control-image tensors (a captured loop's static copies)."""
+        if len(images) != len(self.images):
+            raise InvalidInputError(f"expected {len(self.images)} control images, got {len(images)}")
+        other = copy.copy(self)
+        other.images = list(images)
+        return other
+
+    def __call__(self, x: Tensor, i: int, timestep: Tensor, context: Tensor, **added: Tensor) -> dict[str, Any]:
+        # x: [B or 2B, 4, h, w] the scaled U-Net input; context: [B or 2B, 77, D]; added: SDXL's text_embeds
+        # and time_ids, batched as the context
         guess_cfg = self.guess_mode and self.cfg
         if guess_cfg:
             x, context = x.chunk(2)[1], context.chunk(2)[1]
+            added = {name: value.chunk(2)[1] for name, value in added.items()}
         down = mid = None
         for net, image, scale in zip(self.nets, self.images, self.scales[i - self.start]):
             if scale == 0.0:
                 continue
-            d, m = net(x, timestep, context, image, scale, self.guess_mode)
+            d, m = net(x, timestep, context, image, scale, self.guess_mode, **added)
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         if down is None:

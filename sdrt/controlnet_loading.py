@@ -6,7 +6,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 
@@ -59,17 +59,6 @@ def load_controlnet(path: PathArg, dtype: torch.dtype = torch.float32,
                          f"checkpoint)")
 
 
-def check_controlnet_backend(controlnet: Any, backend: str, cuda_graphs: Optional[bool]) -> None:
-    """ControlNets run on the torch backend's eager loop (the other backends' U-Nets take no residuals yet)."""
-    if controlnet is None:
-        return
-    if backend != "torch":
-        raise InvalidInputError(f"controlnet needs backend='torch' (sdrt has no {backend} ControlNet yet), "
-                                f"got backend={backend!r}")
-    if cuda_graphs:
-        raise InvalidInputError("controlnet runs without CUDA graphs: leave cuda_graphs unset or False")
-
-
 def load_controlnets(paths: Union[PathArg, Sequence[PathArg]], dtype: torch.dtype, device: Union[str, torch.device],
                      unet_cfg: UNetConfig, vae_factor: int, model: str) -> list[ControlNet]:
     """`paths`: one path or a non-empty list of them; each ControlNet is checked to fit `unet_cfg` and a VAE
@@ -91,7 +80,7 @@ def load_controlnets(paths: Union[PathArg, Sequence[PathArg]], dtype: torch.dtyp
 
 def check_fits(cfg: ControlNetConfig, unet_cfg: UNetConfig, name: str, model: str) -> None:
     """The ControlNet's residuals must match the U-Net's skips and its cross-attention width."""
-    for key in ("block_out_channels", "layers_per_block", "cross_attention_dim"):
+    for key in ("block_out_channels", "layers_per_block", "cross_attention_dim", "addition_embed_type"):
         mine, theirs = getattr(cfg.unet, key), getattr(unet_cfg, key)
         if mine != theirs:
             raise InvalidInputError(f"controlnet {name} was made for another base model: its {key} is "

@@ -48,8 +48,8 @@ def denoise(unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: T
 
     guidance_scale may be a list, one scale per sample; or a 0-d or [B, 1, 1, 1] device tensor (a CUDA
     graph's static input, so a new scale needs no recapture); `cfg` then says whether the context holds
-    the [uncond; cond] batch. control(x, i, timestep, context): the ControlNets' U-Net keyword arguments for
-    step i from the scaled 4-channel input (`sdrt.control.ControlResiduals`)."""
+    the [uncond; cond] batch. control(x, i, timestep, context, **added): the ControlNets' U-Net keyword
+    arguments for step i from the scaled 4-channel input (`sdrt.control.ControlResiduals`)."""
     if torch.is_tensor(guidance_scale):
         if cfg is None:
             raise InvalidInputError("cfg must be given (True/False) when guidance_scale is a tensor")
@@ -65,7 +65,8 @@ def denoise(unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: T
     state = scheduler.init_state(latents)
     for i in range(start, len(schedule.timesteps)):
         x = scheduler.scale_model_input(torch.cat([latents, latents]) if cfg else latents, i, schedule)
-        residuals = {} if control is None else control(x.to(model_dtype), i, schedule.timesteps[i], context)
+        residuals = {} if control is None else control(x.to(model_dtype), i, schedule.timesteps[i], context,
+                                                            **added)
         if condition is not None:
             x = torch.cat([x, condition], dim=1)
         out = unet(x.to(model_dtype), schedule.timesteps[i], context, **added, **residuals)

@@ -17,8 +17,10 @@ Python value baked in at capture (the scheduler, its eta and its whole resolved 
 clip range, ... -, the schedule's non-tensor fields, which steps take noise, the start index, guidance
 on/off, the inpainting mode, and which U-Net object runs). Every tensor the loop reads (latents, context,
 guidance scale, step noise, the schedule's tables, the inpainting condition and blend, the U-Net's added
-inputs - SDXL's text_embeds and time_ids, by name, shape and dtype) is a static input copied on each call,
-so a new seed, prompt, guidance scale, strength or SDXL size/crop/aesthetic id never recaptures.
+inputs - SDXL's text_embeds and time_ids, by name, shape and dtype, the ControlNets' control images) is a
+static input copied on each call, so a new seed, prompt, guidance scale, strength, SDXL size/crop/aesthetic id
+or control image never recaptures. ControlNets put in the key which ones run, their scale at every step
+(so a new controlnet_conditioning_scale or control_guidance_start/end recaptures) and guess mode.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from typing import Any, Callable, Hashable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from sdrt.control import ControlResiduals
 from sdrt.denoise import LatentBlend, check_added, denoise
 from sdrt.errors import InvalidInputError
 from sdrt.guidance import per_sample_scale, uses_cfg
@@ -186,6 +189,7 @@ class DenoiseKey:
     condition: bool          # 9-channel inpainting: [mask, masked-image latents] appended to the U-Net input
     blend: bool              # 4-channel inpainting resets the unmasked latents each step
     unet: int                # id() of the U-Net callable; the capture holds it, so the id is not reused
+    control: tuple = ()      # ControlNets: `sdrt.control.ControlResiduals.key` (their images are static inputs)
 
     def describe(self) -> str:
         latents = self.inputs[0][1]
@@ -224,7 +228,7 @@ def _schedule_from(template: Schedule, tensors: Sequence[Tensor]) -> Schedule:
 
 def _static_inputs(latents: Tensor, context: Tensor, guidance: Tensor, step_noise: Sequence[Optional[Tensor]],
                    schedule: Schedule, condition: Optional[Tensor], blend: Optional[LatentBlend],
-                   added: Mapping[str, Tensor]) -> list:
+                   added: Mapping[str, Tensor], control: Optional[ControlResiduals] = None) -> list:
     """(name, tensor) of every static input of the loop, in the order the loop function takes them."""
     named = [("latents", latents), ("context", context), ("guidance", guidance),
              *((f"noise[{i}]", n) for i, n in enumerate(step_noise) if n is not None),
@@ -234,6 +238,8 @@ def _static_inputs(latents: Tensor, context: Tensor, guidance: Tensor, step_nois
     if blend is not None:
         named += [("blend.mask", blend.mask), ("blend.image_latents", blend.image_latents), ("blend.noise", blend.noise)]
     named += [(f"added.{name}", added[name]) for name in sorted(added)]
+    if control is not None:
+        named += [(f"control.image[{k}]", image) for k, image in enumerate(control.images)]
     return named
 
 
@@ -248,28 +254,30 @@ class DenoiseGraphs:
     def key(self, unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: Tensor, context: Tensor,
             guidance_scale: float, start: int, step_noise: Sequence[Optional[Tensor]], *,
             condition: Optional[Tensor] = None, blend: Optional[LatentBlend] = None,
-            added: Optional[Mapping[str, Tensor]] = None) -> DenoiseKey:
+            added: Optional[Mapping[str, Tensor]] = None, control: Optional[ControlResiduals] = None) -> DenoiseKey:
         """The capture key of a call with these arguments (the same as `__call__`'s)."""
         guidance = per_sample_scale([float(guidance_scale)] * latents.shape[0], latents.device)
         named = _static_inputs(latents, context, guidance, step_noise, schedule, condition, blend,
-                               check_added(added, context))
-        return self._key(unet, scheduler, schedule, named, uses_cfg(guidance_scale), start, condition, blend)
+                               check_added(added, context), control)
+        return self._key(unet, scheduler, schedule, named, uses_cfg(guidance_scale), start, condition, blend,
+                         control)
 
     @staticmethod
     def _key(unet, scheduler: Scheduler, schedule: Schedule, named: Sequence[tuple[str, Tensor]], cfg: bool,
-             start: int, condition: Optional[Tensor], blend: Optional[LatentBlend]) -> DenoiseKey:
+             start: int, condition: Optional[Tensor], blend: Optional[LatentBlend],
+             control: Optional[ControlResiduals] = None) -> DenoiseKey:
         return DenoiseKey(inputs=_signature(named), scheduler=scheduler.name, eta=scheduler.eta,
                           scheduler_config=_frozen(scheduler.cfg),
                           schedule=(schedule.init_noise_sigma, tuple(schedule.noise_steps),
                                     schedule.input_scale is not None, tuple(sorted(schedule.tables))),
                           cfg=cfg, start=start, condition=condition is not None, blend=blend is not None,
-                          unet=id(unet))
+                          unet=id(unet), control=() if control is None else control.key())
 
     def __call__(self, unet: Callable, scheduler: Scheduler, schedule: Schedule, latents: Tensor, context: Tensor,
                  guidance_scale: Union[float, Sequence[float]], start: int, step_noise: Sequence[Optional[Tensor]],
                  *, condition: Optional[Tensor] = None, blend: Optional[LatentBlend] = None,
                  on_step: Optional[Callable[[int], None]] = None,
-                 added: Optional[Mapping[str, Tensor]] = None) -> Tensor:
+                 added: Optional[Mapping[str, Tensor]] = None, control: Optional[ControlResiduals] = None) -> Tensor:
         cfg = uses_cfg(guidance_scale)
         noise_at = [i for i, n in enumerate(step_noise) if n is not None]
         # always one scale per sample ([B, 1, 1, 1]): a scalar or a list call replays the same capture
@@ -281,8 +289,8 @@ class DenoiseGraphs:
         sched_tensors = _schedule_tensors(schedule)
         added = check_added(added, context)
         added_names = sorted(added)
-        named = _static_inputs(latents, context, guidance, step_noise, schedule, condition, blend, added)
-        key = self._key(unet, scheduler, schedule, named, cfg, start, condition, blend)
+        named = _static_inputs(latents, context, guidance, step_noise, schedule, condition, blend, added, control)
+        key = self._key(unet, scheduler, schedule, named, cfg, start, condition, blend, control)
         inputs = [t for _, t in named]
         n_steps = len(step_noise)
 
@@ -294,9 +302,11 @@ class DenoiseGraphs:
                 noise_list[i] = n
             condition_s = extra_s.pop(0) if condition is not None else None
             blend_s = LatentBlend(*(extra_s.pop(0) for _ in range(3))) if blend is not None else None
-            added_s = dict(zip(added_names, extra_s, strict=True))
+            added_s = dict(zip(added_names, extra_s[:len(added_names)], strict=True))
+            control_s = None if control is None else control.with_images(extra_s[len(added_names):])
             return denoise(unet, scheduler, _schedule_from(schedule, sched_s), latents_s, context_s, guidance_s,
-                           start, noise_list, condition=condition_s, blend=blend_s, cfg=cfg, added=added_s)
+                           start, noise_list, condition=condition_s, blend=blend_s, cfg=cfg, added=added_s,
+                           control=control_s)
 
         entry = self.cache.get_or_create(key, lambda: self._create(loop, inputs, key))
         out = entry(*inputs)

@@ -28,12 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from sdrt import images as imgs
-from sdrt.backends import BACKENDS, prepare_backend
+from sdrt.backends import prepare_backend
+from sdrt.backends.auto import resolve_backend
 from sdrt.checks import (Limits, check_guidance, check_image_count, check_output, check_pixels, check_positive_int,
                          check_size, check_steps, check_text, strength_or_default)
 from sdrt.components import BUNDLED_MODEL, Components, load_components
 from sdrt.control import DEFAULT_SCALES, ControlResiduals, check_control
-from sdrt.controlnet_loading import check_controlnet_backend, load_controlnets
+from sdrt.control_backends import attach_controlnets, check_controlnet_backend
+from sdrt.controlnet_loading import load_controlnets
 from sdrt.denoise import LatentBlend, denoise
 from sdrt.errors import InvalidInputError, ModelLoadError, NumericalError
 from sdrt.graphs import DenoiseGraphs, GraphCache
@@ -86,12 +88,11 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     _check_path("model", model)
     _check_path("vae", vae)
     folders = None if lora_dirs is None else lora_folders(lora_dirs)
-    check_controlnet_backend(controlnet, backend, cuda_graphs)
+    check_controlnet_backend(controlnet, backend)
     _check_path("tokenizer", tokenizer)
-    if backend not in BACKENDS:
-        raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
+    backend = resolve_backend(backend, device, dtype)  # "auto": the fastest installed one (sdrt.backends.auto)
     graphed = _resolve_cuda_graphs(cuda_graphs, backend, device)
     limits = _resolve_limits(limits)
     if model is None and not BUNDLED_MODEL.is_dir():
@@ -104,8 +105,8 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     pipe = _assemble(components, backend, device, dtype, graphed, limits)
     pipe._lora_folders = folders
     if controlnet is not None:
-        pipe.controlnets = load_controlnets(controlnet, dtype, device, pipe.unet.config, pipe.vae_scale_factor,
-                                            pipe.model)
+        attach_controlnets(pipe, components, load_controlnets(controlnet, dtype, device, pipe.unet.config,
+                                                              pipe.vae_scale_factor, pipe.model))
     return pipe
 
 
@@ -114,10 +115,9 @@ def from_components(components: Components, *, backend: str = "torch", device: U
                     limits: Optional[Limits] = None) -> "Pipeline":
     """A pipeline on components built in memory (e.g. random weights for benchmarks), as `load` makes one;
     the backend may move and convert the modules in place."""
-    if backend not in BACKENDS:
-        raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
+    backend = resolve_backend(backend, device, dtype)  # "auto": the fastest installed one (sdrt.backends.auto)
     return _assemble(components, backend, device, dtype, _resolve_cuda_graphs(cuda_graphs, backend, device),
                      _resolve_limits(limits))
 

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from sdrt.components import Components
+from sdrt.control import SDXL_DEFAULT_SCALES
 from sdrt.errors import InvalidInputError
 from sdrt.pipeline import GenerationResult, Pipeline, _check_path, _check_tensor, _text_list
 from sdrt.models.clip import CLIPTextModel
@@ -29,7 +30,7 @@ from sdrt.sdxl_handoff import check_fraction, handoff_range
 from sdrt.sdxl_prompts import SDXLEncoder, encode_sdxl_pair
 from sdrt.textual_inversion import load_sdxl_textual_inversion
 
-SDXL_BACKENDS = ("torch", "triton", "onnxruntime")
+SDXL_BACKENDS = ("torch", "triton", "onnxruntime", "openvino")
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.3, 0.9999
 
 # the SDXL arguments of the call in progress (a ContextVar: concurrent calls in threads each see their own)
@@ -55,6 +56,7 @@ class SDXLPipeline(Pipeline):
         self.tokenizer_2, self.text_encoder_2 = components.tokenizer_2, components.text_encoder_2
         self.force_zeros_for_empty_prompt = components.force_zeros_for_empty_prompt
         self.requires_aesthetics_score = components.requires_aesthetics_score
+        self.control_scale_defaults = SDXL_DEFAULT_SCALES
         self.embedding_tokens_2: dict[str, list[int]] = {}  # textual inversion: token -> its ids in encoder 2
 
     def __call__(self, prompt=None, negative_prompt=None, *, original_size: Optional[tuple] = None,

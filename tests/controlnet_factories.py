@@ -21,7 +21,10 @@ def diffusers_controlnet(seed: int, **overrides):
     from diffusers import ControlNetModel
 
     torch.manual_seed(seed)
-    net = ControlNetModel(**{**TINY_SD1, **overrides})
+    return randomize_zero_convs(ControlNetModel(**{**TINY_SD1, **overrides}), seed)
+
+
+def randomize_zero_convs(net, seed: int):
     g = torch.Generator().manual_seed(seed + 1000)
     zero_init = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
     with torch.no_grad():
@@ -29,6 +32,17 @@ def diffusers_controlnet(seed: int, **overrides):
             for p in conv.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return net.eval()
+
+
+def save_sdxl_controlnet(path: Path, unet, seed: int):
+    """A tiny SDXL ControlNet made from `unet` (diffusers' from_unet: its encoder's weights, text_time
+    embedding included), zero convs randomised; saved at `path`."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = randomize_zero_convs(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)), seed)
+    net.save_pretrained(str(path), safe_serialization=True)
+    return net
 
 
 def save_controlnet(path: Path, seed: int, **overrides):

@@ -14,7 +14,7 @@ import torch
 from sdrt.components import Components
 from sdrt.errors import InvalidInputError
 
-BACKENDS = ("torch", "triton", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "triton", "onnxruntime", "tensorrt", "openvino")
 
 
 def prepare_backend(name: str, components: Components, device: torch.device, dtype: torch.dtype) -> Components:

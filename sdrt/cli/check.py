@@ -13,7 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="diffusers folder or .safetensors checkpoint, or random:tiny|sd15|sd21|tiny-sdxl|sdxl "
                         "(random weights built in memory; default: the bundled tiny model)")
-    p.add_argument("--backend", default="torch", help="torch, triton, onnxruntime or tensorrt (default torch)")
+    p.add_argument("--backend", default="torch",
+                   help="torch, triton, onnxruntime, tensorrt or openvino (default torch)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on cuda)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps end to end (default 20)")

@@ -86,7 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", type=Path, help="inpainting mask: white = repaint (single-channel or RGB)")
     p.add_argument("--vae", type=Path, default=None,
                    help="a VAE folder or .safetensors file replacing the model's (e.g. SDXL's fp16-fix VAE)")
-    p.add_argument("--backend", default="torch", help="torch, triton, onnxruntime or tensorrt (default torch)")
+    p.add_argument("--backend", default="torch",
+                   help="torch, triton, onnxruntime, tensorrt, openvino or auto (default torch)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on cuda)")
     adapters.add_arguments(p, _arg_type)

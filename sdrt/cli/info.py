@@ -15,6 +15,7 @@ BACKEND_NEEDS = {
     "torch": ((), False),
     "triton": (("triton",), True),
     "onnxruntime": (("onnx", "onnxruntime"), False),
+    "openvino": (("onnx", "openvino"), False),
     "tensorrt": (("onnx", "tensorrt"), True),
 }
 
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                          f"sm_{props.major}{props.minor}")
     else:
         lines.append("gpu          none")
-    for name in ("triton", "onnx", "onnxruntime", "tensorrt"):
+    for name in ("triton", "onnx", "onnxruntime", "openvino", "tensorrt"):
         lines.append(f"{name:<12} {package_version(name) or 'not installed'}")
     lines.append("backends")
     for name in BACKEND_NEEDS:

@@ -36,7 +36,8 @@ def _non_negative_number(name: str):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="diffusers folder or .safetensors checkpoint (default: the bundled tiny model)")
-    p.add_argument("--backend", default="torch", help="torch, triton, onnxruntime or tensorrt (default torch)")
+    p.add_argument("--backend", default="torch",
+                   help="torch, triton, onnxruntime, tensorrt, openvino or auto (default torch)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on cuda)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")

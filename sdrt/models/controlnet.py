@@ -8,14 +8,14 @@ conv tower, and the zero-initialised 1x1 convs that read each skip out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sdrt.config import UNetConfig
-from sdrt.models.unet import DownBlock, MidBlock, TimestepEmbedding, embed_timestep, encode
+from sdrt.models.unet import DownBlock, MidBlock, TimestepEmbedding, added_embedding, embed_timestep, encode
 
 
 @dataclass(frozen=True)
@@ -56,44 +56,75 @@ class ControlNet(nn.Module):
         super().__init__()
         self.config = cfg
         ucfg = cfg.unet
-        ch, heads = ucfg.block_out_channels, ucfg.heads()
+        ch, heads, depths = ucfg.block_out_channels, ucfg.heads(), ucfg.transformer_depths()
         temb = 4 * ch[0]
         self.conv_in = nn.Conv2d(ucfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
+        # SDXL ControlNets: the U-Net's "text_time" embedding of the pooled text embeds and size/crop ids
+        self.add_embedding = (TimestepEmbedding(ucfg.projection_class_embeddings_input_dim, temb)
+                              if ucfg.addition_embed_type == "text_time" else None)
         self.controlnet_cond_embedding = ConditioningEmbedding(ch[0], cfg.conditioning_channels,
                                                                cfg.conditioning_embedding_out_channels)
         last = len(ch) - 1
         self.down_blocks = nn.ModuleList([
             DownBlock(ch[max(i - 1, 0)], ch[i], ucfg, temb,
-                      heads[i] if kind == "CrossAttnDownBlock2D" else None, downsample=i < last)
+                      heads[i] if kind == "CrossAttnDownBlock2D" else None, downsample=i < last, depth=depths[i])
             for i, kind in enumerate(ucfg.down_block_types)])
-        self.mid_block = MidBlock(ch[-1], ucfg, temb, heads[-1])
+        self.mid_block = MidBlock(ch[-1], ucfg, temb, heads[-1], depths[-1])
         # one zero conv per U-Net skip: conv_in's, then each level's resnets and downsampler
         skip_channels = [ch[0]] + [c for i, c in enumerate(ch) for _ in range(ucfg.layers_per_block + (i < last))]
         self.controlnet_down_blocks = nn.ModuleList([nn.Conv2d(c, c, 1) for c in skip_channels])
         self.controlnet_mid_block = nn.Conv2d(ch[-1], ch[-1], 1)
 
     def forward(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int], context: torch.Tensor,
-                control: torch.Tensor, scale: float = 1.0,
-                guess_mode: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+                control: torch.Tensor, scale: float = 1.0, guess_mode: bool = False,
+                text_embeds: Optional[torch.Tensor] = None,
+                time_ids: Optional[torch.Tensor] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """sample: [B, 4, h, w] (the U-Net's 4 latent channels, scaled for the step); control: [B, 3, H, W] in
         [0, 1] with H = h * downsample_factor. -> (one residual per U-Net skip, the mid residual), times
-        `scale`; in guess mode the skips' scales ramp from 0.1 (shallowest) to 1 (mid), as diffusers does."""
+        `scale`; in guess mode the skips' scales ramp from 0.1 (shallowest) to 1 (mid), as diffusers does.
+        SDXL ControlNets also take the U-Net's text_embeds [B, P] and time_ids [B, n]."""
+        down, mid = self.unscaled(sample, timestep, context, control, text_embeds, time_ids)
+        return scale_residuals(self.config, down, mid, scale, guess_mode)
+
+    def unscaled(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int], context: torch.Tensor,
+                 control: torch.Tensor, text_embeds: Optional[torch.Tensor] = None,
+                 time_ids: Optional[torch.Tensor] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The zero convs' outputs before `scale_residuals` (what an exported ControlNet graph computes)."""
         if self.config.channel_order == "bgr":
             control = control.flip(1)
         temb = embed_timestep(self.time_embedding, self.config.unet, timestep, sample)
+        if self.add_embedding is not None:
+            temb = temb + added_embedding(self.add_embedding, self.config.unet, text_embeds, time_ids, sample.dtype)
         x = self.conv_in(sample) + self.controlnet_cond_embedding(control)
         mid, skips = encode(self, x, temb, context)
-        down = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)]
-        mid = self.controlnet_mid_block(mid)
-        if guess_mode and not self.config.global_pool_conditions:
-            ramp = torch.logspace(-1, 0, len(down) + 1, device=sample.device) * scale
-            down = [d * r for d, r in zip(down, ramp)]
-            mid = mid * ramp[-1]
-        else:
-            down = [d * scale for d in down]
-            mid = mid * scale
-        if self.config.global_pool_conditions:
-            down = [d.mean(dim=(2, 3), keepdim=True) for d in down]
-            mid = mid.mean(dim=(2, 3), keepdim=True)
-        return down, mid
+        return [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)], self.controlnet_mid_block(mid)
+
+
+def scale_residuals(cfg: ControlNetConfig, down: list[torch.Tensor], mid: torch.Tensor, scale: float,
+                    guess_mode: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`scale` on every residual, or guess mode's ramp; averaged over space for global_pool_conditions."""
+    if guess_mode and not cfg.global_pool_conditions:
+        ramp = torch.logspace(-1, 0, len(down) + 1, device=mid.device) * scale
+        down = [d * r for d, r in zip(down, ramp)]
+        mid = mid * ramp[-1]
+    else:
+        down = [d * scale for d in down]
+        mid = mid * scale
+    if cfg.global_pool_conditions:
+        down = [d.mean(dim=(2, 3), keepdim=True) for d in down]
+        mid = mid.mean(dim=(2, 3), keepdim=True)
+    return down, mid
+
+
+def skip_shapes(cfg: UNetConfig, batch: int, height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """The U-Net's skips (= a ControlNet's down residuals) for latents [batch, *, height, width]: conv_in's,
+    then each level's resnets and downsampler (a stride-2 conv: ceil of half the side)."""
+    ch, last = cfg.block_out_channels, len(cfg.block_out_channels) - 1
+    shapes, h, w = [(batch, ch[0], height, width)], height, width
+    for i, c in enumerate(ch):
+        shapes += [(batch, c, h, w)] * cfg.layers_per_block
+        if i < last:
+            h, w = -(-h // 2), -(-w // 2)
+            shapes.append((batch, c, h, w))
+    return shapes

@@ -232,15 +232,20 @@ class UNet(nn.Module):
 
     def _added_embedding(self, text_embeds: Optional[torch.Tensor], time_ids: Optional[torch.Tensor],
                          dtype: torch.dtype) -> torch.Tensor:
-        """diffusers' "text_time" embedding: [text_embeds, sinusoid(each id)] -> [B, T]."""
-        cfg = self.config
-        if text_embeds is None or time_ids is None:
-            raise InvalidInputError("this U-Net (addition_embed_type='text_time', SDXL) needs text_embeds and time_ids")
-        width = text_embeds.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
-        if text_embeds.dim() != 2 or time_ids.dim() != 2 or width != cfg.projection_class_embeddings_input_dim:
-            raise InvalidInputError(f"text_embeds [B, P] and time_ids [B, n] must give P + n * "
-                                    f"{cfg.addition_time_embed_dim} = {cfg.projection_class_embeddings_input_dim}, "
-                                    f"got {list(text_embeds.shape)} and {list(time_ids.shape)}")
-        ids = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
-        added = torch.cat([text_embeds, ids.reshape(text_embeds.shape[0], -1).to(text_embeds.dtype)], dim=-1)
-        return self.add_embedding(added.to(dtype))
+        return added_embedding(self.add_embedding, self.config, text_embeds, time_ids, dtype)
+
+
+def added_embedding(add_embedding: TimestepEmbedding, cfg: UNetConfig, text_embeds: Optional[torch.Tensor],
+                    time_ids: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """diffusers' "text_time" embedding: [text_embeds, sinusoid(each id)] -> [B, T] (the U-Net's and an SDXL
+    ControlNet's)."""
+    if text_embeds is None or time_ids is None:
+        raise InvalidInputError("this U-Net (addition_embed_type='text_time', SDXL) needs text_embeds and time_ids")
+    width = text_embeds.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
+    if text_embeds.dim() != 2 or time_ids.dim() != 2 or width != cfg.projection_class_embeddings_input_dim:
+        raise InvalidInputError(f"text_embeds [B, P] and time_ids [B, n] must give P + n * "
+                                f"{cfg.addition_time_embed_dim} = {cfg.projection_class_embeddings_input_dim}, "
+                                f"got {list(text_embeds.shape)} and {list(time_ids.shape)}")
+    ids = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+    added = torch.cat([text_embeds, ids.reshape(text_embeds.shape[0], -1).to(text_embeds.dtype)], dim=-1)
+    return add_embedding(added.to(dtype))
