@@ -1,6 +1,6 @@
 """The `openvino` backend end to end on the tiny model: `sdrt.load(M, backend="openvino")` compiles the cached
-ONNX export with OpenVINO and gives the `torch` backend's image within 2/255; `backend="auto"` on a CPU picks it;
-`sdrt check --backend openvino` passes."""
+ONNX export with OpenVINO and gives the `torch` backend's image within 2/255 (SD and SDXL); `sdrt check --backend
+openvino` passes; `backend="auto"` on a CPU picks the fastest installed backend as measured (onnxruntime first)."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,27 +21,36 @@ def model(tmp_path_factory):
     save_pipeline(root / "sd1", "sd1")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SDRT_CACHE", str(root / "cache"))
-        yield sdrt.load(root / "sd1", backend="torch"), sdrt.load(root / "sd1", backend="auto", device="cpu")
+        yield (sdrt.load(root / "sd1", backend="torch"), sdrt.load(root / "sd1", backend="openvino"),
+               sdrt.load(root / "sd1", backend="auto", device="cpu"))
 
 
-def test_auto_on_cpu_picks_openvino(model):
+def test_auto_on_cpu_picks_the_fastest_installed_backend(monkeypatch):
+    import importlib.util
+
     import torch
-    assert model[1].backend == "openvino"
-    assert resolve_backend("auto", torch.device("cpu"), torch.float16) == "torch"
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "onnxruntime"  # both installed (the test extra): the measured order
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    assert resolve_backend("auto", cpu) == "openvino"
+    assert resolve_backend("auto", cpu, torch.float16) == "torch"  # the exported CPU paths run fp32
+    assert resolve_backend("torch", cpu) == "torch"
     with pytest.raises(sdrt.InvalidInputError, match="backend must be one of auto"):
         resolve_backend("fast", torch.device("cpu"))
 
 
 def test_txt2img_matches_torch_backend(model):
-    torch_pipe, ov_pipe = model
+    torch_pipe, ov_pipe, auto_pipe = model
     kwargs = dict(prompt=["a red cube", "a cat"], negative_prompt="blurry", steps=4, seed=3, output="np")
     ref, got = torch_pipe(**kwargs), ov_pipe(**kwargs)
     assert got.images.shape == ref.images.shape == (2, 16, 16, 3)
     assert np.abs(got.images - ref.images).max() <= IMAGE_TOL
+    assert auto_pipe.backend == "onnxruntime" and np.abs(auto_pipe(**kwargs).images - ref.images).max() <= IMAGE_TOL
 
 
 def test_img2img_matches_torch_backend(model):
-    torch_pipe, ov_pipe = model
+    torch_pipe, ov_pipe, _ = model
     image = (np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3) * 7) % 255
     kwargs = dict(prompt="a cat", image=image, strength=0.6, steps=4, seed=1, output="np")
     assert np.abs(ov_pipe(**kwargs).images - torch_pipe(**kwargs).images).max() <= IMAGE_TOL
@@ -58,7 +67,6 @@ def test_sdxl_base_matches_torch_backend(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SDRT_CACHE", str(tmp_path / "cache"))
     save_sdxl(tmp_path / "base")
-    ref, got = sdrt.load(tmp_path / "base", backend="torch"), sdrt.load(tmp_path / "base", backend="auto", device="cpu")
-    assert got.backend == "openvino"
+    ref, got = sdrt.load(tmp_path / "base", backend="torch"), sdrt.load(tmp_path / "base", backend="openvino")
     kwargs = dict(prompt="a red cube", negative_prompt="blurry", steps=3, guidance_scale=5.0, seed=2, output="np")
     assert np.abs(got(**kwargs).images - ref(**kwargs).images).max() <= IMAGE_TOL
