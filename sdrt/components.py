@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 import torch
 
-from sdrt import single_file as sf
+from sdrt import sdxl_variants, single_file as sf
 from sdrt.checks import check_prediction_type
 from sdrt.clip_vocab import VOCAB_SIZE
 from sdrt.config import CLIPTextConfig, check_config, clip_text_config, read_json, unet_config, vae_config
@@ -79,6 +79,7 @@ def _load_folder(root: Path, dtype, device, tokenizer: Union[str, Path, None]) -
     from sdrt import sdxl_components  # SDXL's loader builds on this module
     if kind in sdxl_components.SDXL_PIPELINES:
         return sdxl_components.load_sdxl_folder(root, index, dtype, device, tokenizer)
+    sdxl_variants.refuse_pipeline_class(root / "model_index.json", kind)
     if kind not in SUPPORTED_PIPELINES:
         raise ModelLoadError(f"{root / 'model_index.json'}: unsupported pipeline _class_name={kind!r} "
                              f"(sdrt supports {', '.join(SUPPORTED_PIPELINES + sdxl_components.SDXL_PIPELINES)})")

@@ -166,6 +166,9 @@ class VAEConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    # decode (and encode) in float32 even when the model runs in float16: SDXL's VAE overflows fp16; diffusers'
+    # default, honoured by SDXL pipelines as diffusers' are (the fp16-fix VAE's config sets it false)
+    force_upcast: bool = True
 
     @property
     def downsample_factor(self) -> int:
@@ -185,7 +188,7 @@ _VAE_RULES = {
     "in_channels": _POSITIVE_INT, "out_channels": _POSITIVE_INT, "block_out_channels": _CHANNELS,
     "layers_per_block": _POSITIVE_INT, "latent_channels": _POSITIVE_INT, "norm_num_groups": _POSITIVE_INT,
     "sample_size": _POSITIVE_INT, "scaling_factor": _POSITIVE_NUMBER, "use_quant_conv": _BOOL,
-    "use_post_quant_conv": _BOOL, "mid_block_add_attention": _BOOL,
+    "use_post_quant_conv": _BOOL, "mid_block_add_attention": _BOOL, "force_upcast": _BOOL,
 }
 
 

@@ -47,6 +47,8 @@ from sdrt.prompt_encoding import PromptOptions, check_prompt_options, encode_pro
 from sdrt.schedulers import make_scheduler
 from sdrt.seeds import NoiseSource, SeedArg
 from sdrt.textual_inversion import load_textual_inversion
+from sdrt.vae_loading import load_separate_vae
+from sdrt.vae_precision import VAEPrecision
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,8 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
          dtype: Union[str, torch.dtype, None] = None, tokenizer: Union[str, Path, None] = None,
          cuda_graphs: Optional[bool] = None, prediction_type: Optional[str] = None,
          limits: Optional[Limits] = None, lora_dirs: Optional[Sequence[Union[str, Path]]] = None,
-         controlnet: Union[str, Path, Sequence[Union[str, Path]], None] = None) -> "Pipeline":
+         controlnet: Union[str, Path, Sequence[Union[str, Path]], None] = None,
+         vae: Union[str, Path, None] = None) -> "Pipeline":
     """A ready pipeline. `model`: a diffusers folder or a single-file .safetensors checkpoint; None = the bundled
     tiny model. The tokenizer: the `tokenizer` folder, else the model's `tokenizer/` (for a single file, one beside
     it), else CLIP's vocabulary bundled with sdrt, with SD 1.x's or SD 2.x's pad token.
@@ -80,8 +83,10 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
     limits: the bounds on each call (`sdrt.Limits`); default `Limits.from_env()`, the SDRT_MAX_* variables.
     lora_dirs: folders in which prompts' `<lora:NAME:WEIGHT>` tags find NAME (see `sdrt.lora.prompt_loras`).
     controlnet: a ControlNet (diffusers folder or single file) or a list of them, each checked to fit the model;
-    calls then take control_image= (see `Pipeline.__call__`, `sdrt.control`)."""
+    calls then take control_image= (see `Pipeline.__call__`, `sdrt.control`).
+    vae: a VAE folder or file replacing the model's (e.g. SDXL's fp16-fix VAE); see `sdrt.vae_loading`."""
     _check_path("model", model)
+    _check_path("vae", vae)
     folders = None if lora_dirs is None else lora_folders(lora_dirs)
     check_controlnet_backend(controlnet, backend)
     _check_path("tokenizer", tokenizer)
@@ -95,6 +100,8 @@ def load(model: Union[str, Path, None] = None, *, backend: str = "torch", device
                              f"pass model=<diffusers folder or .safetensors checkpoint>")
     components = load_components(model, dtype=dtype, device=device, tokenizer=tokenizer,
                                  prediction_type=prediction_type)
+    if vae is not None:
+        components.vae = load_separate_vae(vae, components.vae.config, dtype, device)
     pipe = _assemble(components, backend, device, dtype, graphed, limits)
     pipe._lora_folders = folders
     if controlnet is not None:
@@ -228,6 +235,8 @@ def _guidance_per_image(guidance: Union[float, list[float]], n_prompts: int, num
 class Pipeline(LoraMixin):
     """One loaded model on one backend. Call it to generate; see `sdrt.load`."""
 
+    honours_force_upcast = False  # the VAE config's force_upcast: diffusers' SD 1.x/2.x pipelines ignore it
+
     def __init__(self, components: Components, *, device: torch.device, dtype: torch.dtype, backend: str,
                  limits: Optional[Limits] = None):
         self.tokenizer = components.tokenizer
@@ -239,6 +248,9 @@ class Pipeline(LoraMixin):
         self.device, self.dtype, self.backend = device, dtype, backend
         self.limits = _resolve_limits(limits)  # checked by every call; a service may lower them
         self.vae_scale_factor = self.vae.config.downsample_factor
+        # fp16/bf16 torch VAE: an overflowing decode is redone in float32 (see sdrt.vae_precision)
+        self.vae_precision = VAEPrecision(self.vae, dtype,
+                                          force_upcast=self.honours_force_upcast and self.vae.config.force_upcast)
         self.is_inpainting_model = components.is_inpainting_unet
         side = self.unet.config.sample_size * self.vae_scale_factor
         self.native_size = (side, side)  # (height, width) the model was trained at
@@ -361,6 +373,10 @@ class Pipeline(LoraMixin):
             images = self._decode(x, output, keep)
             timer.lap("decode")
         return GenerationResult(images=images, latents=x, seeds=noise.seeds, timings=timer.finish())
+
+    def default_strength(self, inpainting: bool) -> float:
+        """What an unset strength means for this model: diffusers' default for the mode."""
+        return strength_or_default(None, inpainting=inpainting)
 
     def load_textual_inversion(self, path: Union[str, Path], token: Optional[str] = None) -> str:
         """Load an embedding file (A1111 .pt/.safetensors, kohya, diffusers learned_embeds; see
@@ -519,7 +535,7 @@ class Pipeline(LoraMixin):
     def _decode(self, latents: torch.Tensor, output: str, keep=None):
         """Final latents -> images as `output` asks. keep: (mask [1,1,H,W], image [1,3,H,W]) whose unmasked
         pixels are pasted back exactly (4-channel inpainting)."""
-        decoded = self.vae.decode((latents / self.vae.scaling_factor).to(self.dtype))
+        decoded = self.vae_precision.decode(latents / self.vae.scaling_factor)
         if not torch.isfinite(decoded).all():
             raise NumericalError(f"the VAE decoded NaN or inf ({self._run_name()}); {self._nan_advice('vae')}")
         pixels = imgs.to_unit_range(decoded)
@@ -531,7 +547,7 @@ class Pipeline(LoraMixin):
 
     def _encode_image(self, pixels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """pixels [1, 3, H, W] in [-1, 1]; eps [n, 4, h, w] -> sampled latents [n, 4, h, w] float32, scaled."""
-        mean, logvar = self.vae.encode(pixels.to(self.device, self.dtype))
+        mean, logvar = self.vae_precision.encode(pixels.to(self.device))
         sample = mean.float() + torch.exp(0.5 * logvar.float()) * eps.to(self.device)
         return sample * self.vae.scaling_factor
 

@@ -18,6 +18,7 @@ from sdrt.errors import ModelLoadError
 from sdrt.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from sdrt.models.unet import UNet
 from sdrt.models.vae import AutoencoderKL
+from sdrt.sdxl_variants import check_folder, check_single_file
 from sdrt.tokenizer import EOS_TOKEN, CLIPTokenizer
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class SDXLComponents(Components):
 def load_sdxl_folder(root: Path, index: dict, dtype: torch.dtype, device: Union[str, torch.device],
                      tokenizer: Union[str, Path, None]) -> SDXLComponents:
     """A diffusers SDXL folder; `tokenizer` (a folder) replaces the first tokenizer only."""
+    check_folder(root)  # the variants sdrt refuses by name, before any weight is read
     has_first = _names_component(index, "text_encoder")
     if not _names_component(index, "text_encoder_2"):
         raise ModelLoadError(f"{root / 'model_index.json'}: an SDXL pipeline without text_encoder_2 is not supported")
@@ -94,6 +96,7 @@ def load_sdxl_single_file(path: Path, tensors: dict, dtype: torch.dtype, device:
     """An SDXL base or refiner single file (`conditioner.embedders.*`, `model.diffusion_model.*`,
     `first_stage_model.*`). Tokenizers: `tokenizer` (or a tokenizer/ folder beside the file) for CLIP ViT-L,
     a tokenizer_2/ folder beside it for bigG, else the bundled CLIP vocabulary (padded with EOS and "!")."""
+    check_single_file(path, tensors)
     first_cfg, bigg_cfg, bigg_prefix = sf.sdxl_text_configs(tensors)
     ucfg = dataclasses.replace(sf.infer_unet_config(tensors), sample_size=SDXL_NATIVE_SAMPLE)
     vcfg = sf.infer_vae_config(tensors)
@@ -114,7 +117,10 @@ def load_sdxl_single_file(path: Path, tensors: dict, dtype: torch.dtype, device:
     if width != ucfg.cross_attention_dim:
         raise ModelLoadError(f"{path}: the text encoders give {width}-wide contexts, the U-Net's cross_attention_dim "
                              f"is {ucfg.cross_attention_dim}")
-    scheduler_config = dict(SDXL_SCHEDULER_CONFIG, prediction_type=prediction_type or "epsilon")
+    # v-prediction SDXL files say so (a v_pred marker, the model spec, a .yaml); ztsnr marks zero terminal SNR
+    found = sf.infer_prediction_type(path, tensors, sd2=False, inpainting=False).value
+    scheduler_config = dict(SDXL_SCHEDULER_CONFIG, prediction_type=prediction_type or found,
+                            rescale_betas_zero_snr="ztsnr" in tensors)
     refiner = first_cfg is None
     return SDXLComponents(tok, text_encoder, unet, vae, scheduler_config, str(path),
                           tokenizer_2=_tokenizer(path.parent / "tokenizer_2", "!", required=False),

@@ -49,6 +49,8 @@ def pipeline_class(components: Components, backend: str) -> type:
 class SDXLPipeline(Pipeline):
     """An SDXL base or refiner; call it as `Pipeline`, with SDXL's extra keyword arguments."""
 
+    honours_force_upcast = True  # as diffusers' SDXL pipelines (see sdrt.vae_precision)
+
     def __init__(self, components: SDXLComponents, **kwargs):
         super().__init__(components, **kwargs)
         self.tokenizer_2, self.text_encoder_2 = components.tokenizer_2, components.text_encoder_2
@@ -96,7 +98,7 @@ class SDXLPipeline(Pipeline):
                 raise InvalidInputError("latents (the start noise) cannot be combined with denoising_start: the "
                                         "image's latents are the start as they are")
         if kwargs.get("strength") is None and kwargs.get("image") is not None:
-            kwargs["strength"] = INPAINT_STRENGTH if kwargs.get("mask") is not None else IMG2IMG_STRENGTH
+            kwargs["strength"] = self.default_strength(kwargs.get("mask") is not None)
         token = _OPTIONS.set(options)
         try:
             return super().__call__(prompt, negative_prompt, **kwargs)
@@ -111,6 +113,9 @@ class SDXLPipeline(Pipeline):
     def _encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (context [B, 77k, D1 + D2]: both encoders' penultimate states, text_embeds [B, projection_dim])."""
         return encode_sdxl_pair(self._encoders(), texts, None, PromptOptions(), self.device)[0]
+
+    def default_strength(self, inpainting: bool) -> float:
+        return INPAINT_STRENGTH if inpainting else IMG2IMG_STRENGTH
 
     def _timesteps(self, sched, steps: int, strength: float, image_mode: bool):
         options = _OPTIONS.get()
