@@ -88,7 +88,7 @@ def test_a_two_chunk_weighted_prompt_matches_torch_backend(models):
 
 
 def test_tensorrt_refuses_sdxl_in_one_line(models):
-    with pytest.raises(InvalidInputError, match="SDXL runs on the torch, triton, onnxruntime backend so far, "
+    with pytest.raises(InvalidInputError, match="SDXL runs on the torch, triton, onnxruntime, openvino backend so far, "
                                                 "got backend='tensorrt'"):
         sdrt.load(models["base"][2], backend="tensorrt")
 
