@@ -184,6 +184,22 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     raise InvalidInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
+def negative_texts(negative_prompt, n_prompts: int) -> list[str]:
+    """One negative text per prompt: "" each when None, one string repeated, or one per prompt."""
+    negatives = [""] * n_prompts if negative_prompt is None else _text_list("negative_prompt", negative_prompt)
+    if len(negatives) == 1 and n_prompts > 1:
+        negatives = negatives * n_prompts
+    if len(negatives) != n_prompts:
+        raise InvalidInputError(f"negative_prompt must be one string or one per prompt ({n_prompts}), "
+                                f"got {len(negatives)}")
+    return negatives
+
+
+def min_chunk_count(prompt_embeds: Optional[torch.Tensor], tokenizer) -> int:
+    """The chunk count encoded negatives must reach: given prompt_embeds' (77 * k tokens), else 1."""
+    return 1 if prompt_embeds is None else max(1, prompt_embeds.shape[1] // tokenizer.model_max_length)
+
+
 def _text_list(name: str, value: Union[str, Sequence[str]]) -> list[str]:
     if isinstance(value, str):
         return [check_text(name, value)]
@@ -474,15 +490,8 @@ class Pipeline(LoraMixin):
         """[B, 77k, D], or [2B, 77k, D] = [uncond; cond] under CFG, each prompt repeated num_images times;
         k chunks of 77 (`sdrt.prompt_encoding`), one k for prompts and negatives."""
         texts = _text_list("prompt", prompt) if prompt_embeds is None else None
-        negatives = None
-        if cfg and negative_prompt_embeds is None:
-            negatives = [""] * n_prompts if negative_prompt is None else _text_list("negative_prompt", negative_prompt)
-            if len(negatives) == 1 and n_prompts > 1:
-                negatives = negatives * n_prompts
-            if len(negatives) != n_prompts:
-                raise InvalidInputError(f"negative_prompt must be one string or one per prompt ({n_prompts}), "
-                                        f"got {len(negatives)}")
-        min_chunks = 1 if prompt_embeds is None else max(1, prompt_embeds.shape[1] // self.tokenizer.model_max_length)
+        negatives = negative_texts(negative_prompt, n_prompts) if cfg and negative_prompt_embeds is None else None
+        min_chunks = min_chunk_count(prompt_embeds, self.tokenizer)
         cond, uncond = encode_prompt_pair(self.text_encoder, self.tokenizer, texts, negatives, options,
                                           self.embedding_tokens, self.device, min_chunks)
         cond = (prompt_embeds if cond is None else cond).to(self.device, self.dtype)

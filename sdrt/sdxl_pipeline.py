@@ -21,7 +21,8 @@ import torch
 from sdrt.components import Components
 from sdrt.control import SDXL_DEFAULT_SCALES
 from sdrt.errors import InvalidInputError
-from sdrt.pipeline import GenerationResult, Pipeline, _check_path, _check_tensor, _text_list
+from sdrt.pipeline import (GenerationResult, Pipeline, _check_path, _check_tensor, _text_list, min_chunk_count,
+                           negative_texts)
 from sdrt.models.clip import CLIPTextModel
 from sdrt.prompt_encoding import PromptOptions, check_prompt_options
 from sdrt.sdxl_components import SDXLComponents
@@ -153,15 +154,9 @@ class SDXLPipeline(Pipeline):
         texts = _text_list("prompt", prompt) if prompt_embeds is None else None
         zero_negatives = cfg and negative_prompt_embeds is None and negative_prompt is None \
             and self.force_zeros_for_empty_prompt
-        negatives = None
-        if cfg and negative_prompt_embeds is None and not zero_negatives:
-            negatives = [""] * n_prompts if negative_prompt is None else _text_list("negative_prompt", negative_prompt)
-            if len(negatives) == 1 and n_prompts > 1:
-                negatives = negatives * n_prompts
-            if len(negatives) != n_prompts:
-                raise InvalidInputError(f"negative_prompt must be one string or one per prompt ({n_prompts}), "
-                                        f"got {len(negatives)}")
-        min_chunks = 1 if prompt_embeds is None else max(1, prompt_embeds.shape[1] // self.tokenizer_2.model_max_length)
+        negatives = negative_texts(negative_prompt, n_prompts) \
+            if cfg and negative_prompt_embeds is None and not zero_negatives else None
+        min_chunks = min_chunk_count(prompt_embeds, self.tokenizer_2)
         encoded, encoded_negatives = encode_sdxl_pair(self._encoders(), texts, negatives, prompt_options, self.device,
                                                       min_chunks)
         if encoded is not None:

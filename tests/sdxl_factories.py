@@ -81,3 +81,14 @@ def save_sdxl(path: Path, refiner: bool = False, seed: int = 0, inpaint: bool = 
             for name in ("vocab.json", "merges.txt"):
                 shutil.copy(clip_vocabulary() / name, Path(path) / folder / name)
     return pipe
+
+
+def load_sdxl_pairs(tmp_path_factory) -> dict:
+    """"base" / "refiner" -> (sdrt pipeline, diffusers pipeline, folder) on the same tiny weights (CPU float32)."""
+    import sdrt
+    out = {}
+    for name in ("base", "refiner"):
+        path = tmp_path_factory.mktemp(name)
+        reference = save_sdxl(path, refiner=name == "refiner")
+        out[name] = (sdrt.load(path, device="cpu", dtype="float32"), reference, path)
+    return out

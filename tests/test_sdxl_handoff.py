@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sdrt
-from sdxl_factories import save_sdxl
+from sdxl_factories import load_sdxl_pairs
 
 LATENT_TOL = 1e-3
 IMAGE_TOL = 2 / 255
@@ -21,12 +21,7 @@ STEPS, SPLIT = 5, 0.6  # timesteps 801 601 401 | 201 1: the base runs 3 steps, t
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """"base" / "refiner" -> (sdrt pipeline, diffusers pipeline, folder)."""
-    out = {}
-    for name in ("base", "refiner"):
-        path = tmp_path_factory.mktemp(name)
-        reference = save_sdxl(path, refiner=name == "refiner")
-        out[name] = (sdrt.load(path, device="cpu", dtype="float32"), reference, path)
-    return out
+    return load_sdxl_pairs(tmp_path_factory)
 
 
 def _with_scheduler(models, name: str, scheduler: str):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sdrt
-from sdxl_factories import PROJECTION, save_sdxl
+from sdxl_factories import PROJECTION, load_sdxl_pairs
 
 LATENT_TOL = 1e-3
 IMAGE_TOL = 2 / 255
@@ -20,12 +20,7 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "euler_a": "EulerAncestralDiscreteSchedul
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """"base" / "refiner" -> (sdrt pipeline, diffusers pipeline, folder)."""
-    out = {}
-    for name in ("base", "refiner"):
-        path = tmp_path_factory.mktemp(name)
-        reference = save_sdxl(path, refiner=name == "refiner")
-        out[name] = (sdrt.load(path, device="cpu", dtype="float32"), reference, path)
-    return out
+    return load_sdxl_pairs(tmp_path_factory)
 
 
 def _reference(models, name: str, scheduler: str, cls: str = None):

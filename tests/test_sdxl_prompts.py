@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 
 import sdrt
-from sdxl_factories import save_sdxl
+from sdxl_factories import load_sdxl_pairs
 
 LATENT_TOL = 1e-3
 STATE_TOL = 1e-5
@@ -18,13 +18,8 @@ WIDTHS = {"clip_l": 64, "clip_g": 64}  # the tiny factory's encoder widths
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """"base" / "refiner" -> (sdrt pipeline, diffusers pipeline)."""
-    out = {}
-    for name in ("base", "refiner"):
-        path = tmp_path_factory.mktemp(name)
-        reference = save_sdxl(path, refiner=name == "refiner")
-        out[name] = (sdrt.load(path, device="cpu", dtype="float32"), reference)
-    return out
+    """"base" / "refiner" -> (sdrt pipeline, diffusers pipeline, folder)."""
+    return load_sdxl_pairs(tmp_path_factory)
 
 
 def _sdxl_embedding(path, n, seed, widths=WIDTHS):
@@ -46,7 +41,7 @@ def _latents(pipe, reference, prompt, seed=3, steps=3, **kwargs):
 
 @pytest.mark.parametrize("name", ["base", "refiner"])
 def test_textual_inversion_same_picture_as_diffusers(models, name, tmp_path):
-    pipe, reference = models[name]
+    pipe, reference, _ = models[name]
     token = f"sdxl-style-{name}"
     vectors = _sdxl_embedding(tmp_path / f"{token}.safetensors", n=2, seed=len(name))
     assert pipe.load_textual_inversion(tmp_path / f"{token}.safetensors") == token  # the file's stem
@@ -66,7 +61,7 @@ def test_textual_inversion_same_picture_as_diffusers(models, name, tmp_path):
 
 
 def test_clip_skip_same_picture_as_diffusers(models):
-    pipe, reference = models["base"]
+    pipe, reference, _ = models["base"]
     # diffusers skips layers for the prompt only and encodes negative_prompt at hidden_states[-2]; sdrt (like
     # A1111) skips for both, so diffusers gets the negative as embeddings skipped the same way
     states, pooled = [], None
@@ -110,7 +105,7 @@ def _chunk_states(reference, token_ids: list[int], weights: list[float] | None =
 
 
 def test_a_long_prompt_is_three_chunks_encoded_on_their_own(models):
-    pipe, reference = models["base"]
+    pipe, reference, _ = models["base"]
     words = " ".join(["red", "house", "blue", "lake", "tall", "tree", "small", "cat"] * 20)  # 160 tokens
     ids = reference.tokenizer(words, add_special_tokens=False).input_ids
     assert len(ids) == 160
@@ -123,7 +118,7 @@ def test_a_long_prompt_is_three_chunks_encoded_on_their_own(models):
 
 
 def test_emphasis_weights_each_encoders_states(models):
-    pipe, reference = models["base"]
+    pipe, reference, _ = models["base"]
     context, _ = pipe._encode_text(["a (red:1.5) house, [blue] lake"])
     plain = reference.tokenizer
     ids, weights = [], []
@@ -136,7 +131,7 @@ def test_emphasis_weights_each_encoders_states(models):
 
 
 def test_break_and_negatives_share_the_chunk_count(models):
-    pipe, _ = models["base"]
+    pipe, _, _ = models["base"]
     result = pipe("a house BREAK a lake", negative_prompt="blurry", steps=1, seed=0, output="latent")
     assert torch.isfinite(result.latents).all()
     context, _ = pipe._encode_text(["a house BREAK a lake"])
@@ -144,7 +139,7 @@ def test_break_and_negatives_share_the_chunk_count(models):
 
 
 def test_bad_sdxl_embeddings_are_refused(models, tmp_path):
-    pipe, _ = models["base"]
+    pipe, _, _ = models["base"]
     one_encoder = tmp_path / "sd15-style.safetensors"
     safetensors.torch.save_file({"emb_params": torch.zeros(1, 64)}, str(one_encoder))
     with pytest.raises(sdrt.InvalidInputError, match="one-encoder model"):
