@@ -42,13 +42,19 @@ def parse_lora(text: str) -> LoraArg:
     path, suffix = _split(text, "--lora")
     if suffix is None:
         return LoraArg(path, 1.0)
-    try:
-        scale = float(suffix)
-    except ValueError:
-        scale = math.nan
-    if not math.isfinite(scale):
+    scale = finite_number(suffix)
+    if scale is None:
         raise InvalidInputError(f"--lora {text!r}: the scale after ':' must be a finite number, got {suffix!r}")
     return LoraArg(path, scale)
+
+
+def finite_number(text: str) -> Optional[float]:
+    """`text` as a finite float, or None when it is not one."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def parse_embedding(text: str) -> EmbeddingArg:

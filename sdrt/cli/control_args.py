@@ -7,10 +7,10 @@ imported; the ControlNets' contents when the pipeline loads them (see docs/contr
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from sdrt.cli.adapters import finite_number
 from sdrt.control_preprocess import check_preprocessor
 from sdrt.errors import InvalidInputError
 
@@ -35,11 +35,8 @@ def parse_preprocess(text: str) -> Optional[str]:
 
 
 def parse_scale(text: str) -> float:
-    try:
-        scale = float(text)
-    except ValueError:
-        scale = math.nan
-    if not math.isfinite(scale):
+    scale = finite_number(text)
+    if scale is None:
         raise InvalidInputError(f"--control-scale must be a finite number, got {text!r}")
     return scale
 
