@@ -130,12 +130,16 @@ def ort_transformers_optimized(onnx_dir: Path) -> Callable:
     return _ort(target)
 
 
-def _openvino(onnx_dir: Path, precision: str, static_shape: tuple | None = None, compress_int8: bool = False):
+def _openvino(onnx_dir: Path, precision: str, static_shape: tuple | None = None, compress_int8: bool = False,
+              winograd: bool = False):
     import openvino as ov
     core = ov.Core()
     model = core.read_model(str(onnx_dir / "unet.onnx"))
     if static_shape is not None:
         model.reshape(dict(zip(("sample", "timestep", "encoder_hidden_states"), static_shape)))
+    if winograd:
+        from sdrt.backends.openvino_winograd import rewrite_convolutions
+        log(f"winograd: {rewrite_convolutions(model)} convolutions rewritten")
     if compress_int8:
         import nncf
         model = nncf.compress_weights(model)  # INT8_ASYM weight-only on the MatMul/Conv weights nncf supports
@@ -154,6 +158,10 @@ def openvino_f32_static(onnx_dir: Path) -> Callable:
     return _openvino(onnx_dir, "f32", static_shape=_SHAPES)
 
 
+def openvino_f32_winograd(onnx_dir: Path) -> Callable:
+    return _openvino(onnx_dir, "f32", static_shape=_SHAPES, winograd=True)
+
+
 def openvino_bf16(onnx_dir: Path) -> Callable:
     return _openvino(onnx_dir, "bf16")
 
@@ -168,6 +176,7 @@ CANDIDATES: dict[str, Callable[[Path], Callable]] = {
     "onnxruntime (threads default)": ort_default, "onnxruntime intra_op 2": ort_intra2,
     "onnxruntime + transformers SD passes": ort_transformers_optimized,
     "openvino f32": openvino_f32, "openvino f32 static shape": openvino_f32_static,
+    "openvino f32 static + winograd": openvino_f32_winograd,
     "openvino bf16": openvino_bf16, "openvino f32 + int8 weights (nncf)": openvino_int8_weights,
     "sdrt torch.compile (inductor)": sdrt_torch_compile,
 }

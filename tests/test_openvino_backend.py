@@ -1,6 +1,6 @@
 """The `openvino` backend end to end on the tiny model: `sdrt.load(M, backend="openvino")` compiles the cached
 ONNX export with OpenVINO and gives the `torch` backend's image within 2/255 (SD and SDXL); `sdrt check --backend
-openvino` passes; `backend="auto"` on a CPU picks the fastest installed backend as measured (onnxruntime first)."""
+openvino` passes; `backend="auto"` on a CPU picks the fastest installed backend as measured (openvino first)."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,10 +30,10 @@ def test_auto_on_cpu_picks_the_fastest_installed_backend(monkeypatch):
 
     import torch
     cpu = torch.device("cpu")
-    assert resolve_backend("auto", cpu) == "onnxruntime"  # both installed (the test extra): the measured order
+    assert resolve_backend("auto", cpu) == "openvino"  # both installed (the test extra): the measured order
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
-    assert resolve_backend("auto", cpu) == "openvino"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert resolve_backend("auto", cpu) == "onnxruntime"
     assert resolve_backend("auto", cpu, torch.float16) == "torch"  # the exported CPU paths run fp32
     assert resolve_backend("torch", cpu) == "torch"
     with pytest.raises(sdrt.InvalidInputError, match="backend must be one of auto"):
@@ -46,7 +46,7 @@ def test_txt2img_matches_torch_backend(model):
     ref, got = torch_pipe(**kwargs), ov_pipe(**kwargs)
     assert got.images.shape == ref.images.shape == (2, 16, 16, 3)
     assert np.abs(got.images - ref.images).max() <= IMAGE_TOL
-    assert auto_pipe.backend == "onnxruntime" and np.abs(auto_pipe(**kwargs).images - ref.images).max() <= IMAGE_TOL
+    assert auto_pipe.backend == "openvino" and np.abs(auto_pipe(**kwargs).images - ref.images).max() <= IMAGE_TOL
 
 
 def test_img2img_matches_torch_backend(model):

@@ -15,7 +15,7 @@ import torch
 from sdrt.backends import BACKENDS
 from sdrt.errors import InvalidInputError
 
-CPU_ORDER = ("onnxruntime", "openvino", "torch")  # fastest first, each needs its package (torch always there)
+CPU_ORDER = ("openvino", "onnxruntime", "torch")  # fastest first, each needs its package (torch always there)
 _PACKAGES = {"openvino": "openvino", "onnxruntime": "onnxruntime", "triton": "triton", "torch": "torch"}
 
 
