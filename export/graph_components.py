@@ -68,18 +68,24 @@ class GraphVAE:
         return self.decoder(latents=latents)[0]
 
 
-def graph_components(components: Components, runners: dict[str, Runner]) -> Components:
-    """`components` with the models replaced by `runners` (keyed by contract name); tokenizers, flags kept."""
-    unet = GraphUNet(runners["unet"], components.unet.config, components.unet)
+def graph_components(components: Components, runners: dict[str, Runner], keep_modules: bool = True) -> Components:
+    """`components` with the models replaced by `runners` (keyed by contract name); tokenizers, flags kept.
+    keep_modules: keep the torch modules (their weights: for LoRA); False frees them, for runners that cannot
+    take new weights anyway."""
+    def module(m):
+        return m if keep_modules else None
+
+    unet = GraphUNet(runners["unet"], components.unet.config, module(components.unet))
     vae = GraphVAE(runners["vae_encoder"], runners["vae_decoder"], components.vae.config)
     if getattr(components, "text_encoder_2", None) is None:
         return Components(components.tokenizer,
                           GraphTextEncoder(runners["text_encoder"], components.text_encoder.config,
-                                           components.text_encoder),
+                                           module(components.text_encoder)),
                           unet, vae, components.scheduler_config, components.source)
     first = components.text_encoder
     return dataclasses.replace(
         components, unet=unet, vae=vae,
-        text_encoder=None if first is None else GraphSDXLTextEncoder(runners["text_encoder"], first.config, first),
+        text_encoder=None if first is None else GraphSDXLTextEncoder(runners["text_encoder"], first.config,
+                                                                     module(first)),
         text_encoder_2=GraphSDXLTextEncoder2(runners["text_encoder_2"], components.text_encoder_2.config,
-                                             components.text_encoder_2))
+                                             module(components.text_encoder_2)))

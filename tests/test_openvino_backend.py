@@ -70,3 +70,13 @@ def test_sdxl_base_matches_torch_backend(tmp_path, monkeypatch):
     ref, got = sdrt.load(tmp_path / "base", backend="torch"), sdrt.load(tmp_path / "base", backend="openvino")
     kwargs = dict(prompt="a red cube", negative_prompt="blurry", steps=3, guidance_scale=5.0, seed=2, output="np")
     assert np.abs(got(**kwargs).images - ref(**kwargs).images).max() <= IMAGE_TOL
+
+
+def test_lora_is_refused_with_the_backends_that_take_it(model, tmp_path):
+    from lora_files import write_kohya
+
+    torch_pipe, ov_pipe, _ = model
+    write_kohya(tmp_path / "style.safetensors", torch_pipe, seed=0)
+    assert ov_pipe.unet.module is None and ov_pipe.text_encoder.module is None  # freed: nothing could use them
+    with pytest.raises(sdrt.BackendUnavailableError, match="cannot take new weights: LoRA runs on the torch, triton"):
+        ov_pipe.load_lora(tmp_path / "style.safetensors")

@@ -4,7 +4,7 @@ OpenVINO's CPU plugin, which reads ONNX directly.
 Settings: fp32 inference precision pinned (`INFERENCE_PRECISION_HINT f32`: on CPUs with AMX or AVX-512 BF16
 OpenVINO would otherwise pick bf16 and drift from the reference), the LATENCY hint, and one thread per
 core torch uses (`torch.get_num_threads()`). Tensors cross as numpy views. LoRA is not supported here (no
-initializer overrides).
+initializer overrides), so the torch modules are freed once exported (SD 1.5: 4 GB less resident).
 
 Static shapes: each graph is compiled for the input shapes of the call (batch, resolution, prompt chunks) and
 recompiled when they change, keeping one compiled model per graph. Static shapes let OpenVINO plan every
@@ -92,4 +92,5 @@ def from_export(components: Components, export: OnnxExport) -> Components:
     threads = torch.get_num_threads()
     log.info("openvino backend (CPU, %d threads) from %s", threads, export.directory)
     return graph_components(components, {name: OpenVinoModel(Path(export.path(name)), contract, export.dtype, threads)
-                                         for name, contract in contracts_for(components).items()})
+                                         for name, contract in contracts_for(components).items()},
+                            keep_modules=False)

@@ -12,7 +12,7 @@ from sdrt.lora.folders import LoraFolders
 from sdrt.lora.formats import LayerDelta, parse_lora
 from sdrt.lora.prompt_loras import Wanted, resolve, sync_loras, take_lora_tags
 from sdrt.lora.fuser import LoraFuser
-from sdrt.lora.exported import ExportedWeights, is_exported
+from sdrt.lora.exported import ExportedWeights, is_exported, require_new_weights
 from sdrt.lora.targets import COMPONENTS, Target, TargetTable, torch_module
 from sdrt.weights import read_tensors
 
@@ -121,6 +121,9 @@ class LoraMixin:
 
     def _fuser(self) -> LoraFuser:
         if self._lora_fuser is None:
+            for c in COMPONENTS:
+                if is_exported(getattr(self, c, None)):
+                    require_new_weights(getattr(self, c), c)  # before the table, which needs the torch modules
             encoders = [getattr(self, c, None) for c in ("text_encoder", "text_encoder_2")]
             table = TargetTable(torch_module(self.unet), *(None if e is None else torch_module(e) for e in encoders))
             # exported graphs (onnxruntime, tensorrt): their initializers found now, while the weights are

@@ -20,15 +20,21 @@ def is_exported(component) -> bool:
     return hasattr(component, "runner")
 
 
+def require_new_weights(component, name: str) -> None:
+    """BackendUnavailableError unless the exported `component`'s graph can take new weights."""
+    runner = component.runner
+    if not (hasattr(runner, "override_initializers") or getattr(runner, "refittable", False)):
+        raise BackendUnavailableError(f"the {name} graph cannot take new weights: LoRA runs on the torch, triton and "
+                                      f"onnxruntime backends, and on tensorrt with engines built with refit "
+                                      f"(prepare_engines(..., refit=True))")
+
+
 class ExportedWeights:
     """One exported component's weight slots, and how to update its runner."""
 
     def __init__(self, component, targets: Iterable[Target], name: str):
-        runner = component.runner
-        if not (hasattr(runner, "override_initializers") or getattr(runner, "refittable", False)):
-            raise BackendUnavailableError(f"the {name} graph cannot take new weights: LoRA on the tensorrt backend "
-                                          f"needs engines built with refit (prepare_engines(..., refit=True))")
-        self.runner = runner
+        require_new_weights(component, name)
+        runner = self.runner = component.runner
         path = runner.path if hasattr(runner, "path") else runner.onnx_path
         dtype = next(component.module.parameters()).dtype
         weights = {t.module: t.weight for t in targets}
