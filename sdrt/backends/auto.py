@@ -1,8 +1,9 @@
 """backend="auto": the fastest installed backend for a device, in the order measured on it.
 
-CPU: onnxruntime, then openvino, then torch. Measured with `sdrt bench --device cpu --model random:sd15 --size 256
---steps 3` (bench/results/bench-cpu-sd15-256-2026-12-04.json: 2-core AMD EPYC, fp32, batch 1 with CFG, rows
-interleaved twice): U-Net it/s onnxruntime 0.40, openvino 0.27, diffusers eager 0.25, sdrt torch 0.07.
+CPU: openvino, then onnxruntime, then torch. Measured with `sdrt bench --device cpu --model random:sd15 --size 512
+--repeats 3` (bench/results/bench-cpu-sd15-512-2026-12-06.json: 2-core AMD EPYC, fp32, batch 1 with CFG): U-Net
+it/s openvino 0.146 (static shapes, Winograd convolutions), onnxruntime 0.106, sdrt torch 0.097, diffusers eager
+0.095; at 256x256 the same order (README).
 CUDA: triton when it is importable, else torch. The default backend stays "torch"; "auto" is only what a caller
 asks for.
 """
