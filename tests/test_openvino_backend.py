@@ -1,6 +1,7 @@
 """The `openvino` backend end to end on the tiny model: `sdrt.load(M, backend="openvino")` compiles the cached
 ONNX export with OpenVINO and gives the `torch` backend's image within 2/255 (SD and SDXL); `sdrt check --backend
-openvino` passes; `backend="auto"` on a CPU picks the fastest installed backend as measured (openvino first)."""
+openvino` passes; at 32x32 the U-Net and VAE run Winograd convolutions (sdrt.backends.openvino_winograd) and a new
+shape recompiles; `backend="auto"` on a CPU picks the fastest installed backend as measured (openvino first)."""
 from __future__ import annotations
 
 import numpy as np
@@ -80,3 +81,23 @@ def test_lora_is_refused_with_the_backends_that_take_it(model, tmp_path):
     assert ov_pipe.unet.module is None and ov_pipe.text_encoder.module is None  # freed: nothing could use them
     with pytest.raises(sdrt.BackendUnavailableError, match="cannot take new weights: LoRA runs on the torch, triton"):
         ov_pipe.load_lora(tmp_path / "style.safetensors")
+
+
+def test_pipeline_with_winograd_layers_matches_torch(model):
+    torch_pipe, ov_pipe, _ = model
+    kwargs = dict(prompt=["a red cube", "a cat"], steps=4, seed=5, height=32, width=32, output="np")
+    ref, got = torch_pipe(**kwargs), ov_pipe(**kwargs)
+    # 32x32 images: 16x16 latents, a CFG batch of 4: 64 tiles per U-Net 3x3 convolution at the top level
+    assert ov_pipe.unet.runner.winograd_layers > 0 and ov_pipe.vae.decoder.winograd_layers > 0
+    assert np.abs(got.images - ref.images).max() <= IMAGE_TOL
+
+
+def test_new_shapes_recompile(model):
+    _, ov_pipe, _ = model
+    runner = ov_pipe.unet.runner
+    first = ov_pipe(prompt="a cat", steps=2, seed=1, height=16, width=16, output="np").images
+    shapes = runner.shapes
+    ov_pipe(prompt="a cat", steps=2, seed=1, height=24, width=32, output="np")
+    assert runner.shapes != shapes and runner.shapes[0][-2:] == (12, 16)
+    again = ov_pipe(prompt="a cat", steps=2, seed=1, height=16, width=16, output="np").images
+    assert np.array_equal(first, again)  # a recompiled model gives the same image

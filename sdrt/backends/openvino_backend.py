@@ -36,7 +36,7 @@ class OpenVinoModel:
     """One OpenVINO graph, compiled for the input shapes of the latest call, called with and returning torch
     tensors (CPU)."""
 
-    def __init__(self, path, contract: ExportContract, dtype: torch.dtype, threads: int):
+    def __init__(self, path: Path, contract: ExportContract, dtype: torch.dtype, threads: int):
         import openvino as ov
 
         self.path, self.contract, self.dtype = path, contract, dtype
@@ -91,6 +91,6 @@ def from_export(components: Components, export: OnnxExport) -> Components:
     """`components` with the three models replaced by OpenVINO compiled models on `export`."""
     threads = torch.get_num_threads()
     log.info("openvino backend (CPU, %d threads) from %s", threads, export.directory)
-    return graph_components(components, {name: OpenVinoModel(Path(export.path(name)), contract, export.dtype, threads)
+    return graph_components(components, {name: OpenVinoModel(export.path(name), contract, export.dtype, threads)
                                          for name, contract in contracts_for(components).items()},
                             keep_modules=False)

@@ -24,41 +24,27 @@ Shapes must be static, which is why the backend compiles one model per input sha
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-
-@dataclass(frozen=True)
-class Transform:
-    """F(m x m, 3x3): input tiles of (m+2)^2 pixels at stride m, m x m outputs each."""
-    m: int
-    bt: np.ndarray  # [m+2, m+2] input transform B^T
-    g: np.ndarray   # [m+2, 3] weight transform G
-    at: np.ndarray  # [m, m+2] output transform A^T
-
-    @property
-    def points(self) -> int:  # (m+2)^2 matrix products
-        return (self.m + 2) ** 2
-
-
-# F(4x4, 3x3) with interpolation points 0, +-1, +-2, infinity
-F4 = Transform(4, np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
-                            [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64),
-               np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
-                         [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64),
-               np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
-                        np.float64))
+# F(4x4, 3x3) with interpolation points 0, +-1, +-2, infinity: B^T [6, 6], G [6, 3], A^T [4, 6]
+_BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64)
+_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+               [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64)
+_AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float64)
+_ROW_FILTERS = _BT.reshape(6, 1, 6, 1).astype(np.float32)  # filter a over 6 rows: sum_p BT[a, p] d[p, :]
+_COLUMN_FILTERS = _BT.reshape(6, 1, 1, 6).astype(np.float32)
+_OUTPUT_TRANSFORM = np.kron(_AT, _AT).astype(np.float32)  # row i*4+j: output pixel (i, j) of a tile
 
 MIN_TILES = 32  # N x ceil(H/4) x ceil(W/4) below which a layer keeps its direct convolution
 MIN_CHANNELS = 32  # a convolution over fewer input channels (conv_in's 4) is cheap and stays direct
 
 
-def transformed_weights(weight: np.ndarray, f: Transform) -> np.ndarray:
-    """[Cout, Cin, 3, 3] -> [points, 1, Cout, Cin]: G g G^T for every channel pair, in float64."""
+def transformed_weights(weight: np.ndarray) -> np.ndarray:
+    """[Cout, Cin, 3, 3] -> [36, 1, Cout, Cin]: G g G^T for every channel pair, in float64."""
     cout, cin = weight.shape[:2]
-    u = np.einsum("ik,ockl,jl->ijoc", f.g, weight.astype(np.float64), f.g)
-    return u.reshape(f.points, 1, cout, cin).astype(np.float32)
+    u = np.einsum("ik,ockl,jl->ijoc", _G, weight.astype(np.float64), _G)
+    return u.reshape(36, 1, cout, cin).astype(np.float32)
 
 
 def rewrite_convolutions(model) -> int:
@@ -66,23 +52,17 @@ def rewrite_convolutions(model) -> int:
     returns how many were rewritten."""
     rewritten = 0
     for node in model.get_ordered_ops():
-        chosen = _eligible(node)
-        if chosen is not None:
-            node.output(0).replace(_winograd(node.input_value(0), *chosen))
+        weight = _eligible_weight(node)
+        if weight is not None:
+            node.output(0).replace(_winograd(node.input_value(0), weight))
             rewritten += 1
     if rewritten:
         model.validate_nodes_and_infer_types()
     return rewritten
 
 
-def transform_for(n: int, cin: int, h: int, w: int):
-    """The transform for a [n, cin, h, w] input, or None for a direct convolution."""
-    if cin < MIN_CHANNELS or n * -(-h // F4.m) * -(-w // F4.m) < MIN_TILES:
-        return None
-    return F4
-
-
-def _eligible(node):
+def _eligible_weight(node):
+    """The constant [Cout, Cin, 3, 3] weight of a convolution worth rewriting, else None."""
     if node.get_type_name() != "Convolution":
         return None
     source = node.input_value(1).get_node()
@@ -96,12 +76,13 @@ def _eligible(node):
     if not shape.is_static:
         return None
     n, cin, h, w = (d.get_length() for d in shape)
+    if cin < MIN_CHANNELS or n * -(-h // 4) * -(-w // 4) < MIN_TILES:
+        return None
     weight = source.get_data()
-    f = transform_for(n, cin, h, w) if weight.shape[1:] == (cin, 3, 3) else None
-    return None if f is None else (weight, f)
+    return weight if weight.shape[1:] == (cin, 3, 3) else None
 
 
-def _winograd(x, weight: np.ndarray, f: Transform):
+def _winograd(x, weight: np.ndarray):
     import openvino.opset13 as ops
 
     def ints(values):
@@ -109,19 +90,16 @@ def _winograd(x, weight: np.ndarray, f: Transform):
 
     cout, cin = weight.shape[:2]
     n, _, h, w = (d.get_length() for d in x.get_partial_shape())
-    m, a, p = f.m, f.m + 2, f.points
-    th, tw = -(-h // m), -(-w // m)
-    # the input transform B^T d B as two grouped convolutions: over rows (stride m), then over columns
-    rows = np.broadcast_to(f.bt.reshape(a, 1, a, 1), (cin, a, 1, a, 1)).astype(np.float32)
-    columns = np.broadcast_to(f.bt.reshape(a, 1, 1, a), (cin * a, a, 1, 1, a)).astype(np.float32)
-    tiles = ops.group_convolution(x, ops.constant(rows), [m, 1], [1, 1], [m, m], [1, 1])       # N, Cin*a, th, W+m+1
-    tiles = ops.group_convolution(tiles, ops.constant(columns), [1, m], [0, 0], [0, 0], [1, 1])  # N, Cin*p, th, tw
-    v = ops.transpose(ops.reshape(tiles, ints([n, cin, p, th * tw]), False), ints([2, 0, 1, 3]))  # p, N, Cin, P
-    u = ops.matmul(ops.constant(transformed_weights(weight, f)), v, False, False)               # p, N, Cout, P
-    y = ops.matmul(ops.constant(np.kron(f.at, f.at).astype(np.float32)), ops.reshape(u, ints([p, -1]), False),
-                   False, False)                                                                 # m*m, N*Cout*P
-    y = ops.transpose(ops.reshape(y, ints([m * m, n, cout, th * tw]), False), ints([1, 2, 0, 3]))  # N, Cout, m*m, P
-    y = ops.depth_to_space(ops.reshape(y, ints([n, cout * m * m, th, tw]), False), "depth_first", m)
-    if (th * m, tw * m) != (h, w):
+    th, tw = -(-h // 4), -(-w // 4)
+    rows = ops.constant(np.ascontiguousarray(np.broadcast_to(_ROW_FILTERS, (cin, 6, 1, 6, 1))))
+    columns = ops.constant(np.ascontiguousarray(np.broadcast_to(_COLUMN_FILTERS, (cin * 6, 6, 1, 1, 6))))
+    tiles = ops.group_convolution(x, rows, [4, 1], [1, 1], [4, 4], [1, 1])                    # N, Cin*6, th, W+5
+    tiles = ops.group_convolution(tiles, columns, [1, 4], [0, 0], [0, 0], [1, 1])             # N, Cin*36, th, tw
+    v = ops.transpose(ops.reshape(tiles, ints([n, cin, 36, th * tw]), False), ints([2, 0, 1, 3]))  # 36, N, Cin, P
+    m = ops.matmul(ops.constant(transformed_weights(weight)), v, False, False)                 # 36, N, Cout, P
+    y = ops.matmul(ops.constant(_OUTPUT_TRANSFORM), ops.reshape(m, ints([36, -1]), False), False, False)
+    y = ops.transpose(ops.reshape(y, ints([16, n, cout, th * tw]), False), ints([1, 2, 0, 3]))  # N, Cout, 16, P
+    y = ops.depth_to_space(ops.reshape(y, ints([n, cout * 16, th, tw]), False), "depth_first", 4)
+    if (th * 4, tw * 4) != (h, w):
         y = ops.slice(y, ints([0, 0]), ints([h, w]), ints([1, 1]), ints([2, 3]))
     return y.output(0)

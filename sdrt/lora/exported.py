@@ -33,7 +33,7 @@ class ExportedWeights:
     """One exported component's weight slots, and how to update its runner."""
 
     def __init__(self, component, targets: Iterable[Target], name: str):
-        require_new_weights(component, name)
+        """`component` passed `require_new_weights`."""
         runner = self.runner = component.runner
         path = runner.path if hasattr(runner, "path") else runner.onnx_path
         dtype = next(component.module.parameters()).dtype
